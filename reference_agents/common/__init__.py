@@ -1,0 +1,1 @@
+"""Pieces shared by the reference agents: networks, environments, experts, buffers, progress."""
