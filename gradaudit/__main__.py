@@ -1,0 +1,3 @@
+from gradaudit.cli import main
+
+main()

@@ -1,0 +1,629 @@
+"""The recorder: installs every patch and hook, records what happens to each gradient, and builds the Trace.
+
+Everything it installs is removed by `uninstall()`; nothing is stored on the user's modules, tensors or
+optimizers (per-run state lives here, keyed by identity, holding references only while the audit runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import math
+import re
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.optim.optimizer as optimizer_module
+from torch import nn
+from torch.autograd.graph import GradientEdge
+from torch.utils.weak import WeakIdKeyDictionary
+
+from gradaudit.capture.graph import GraphView, RawTerm, decompose, walk
+from gradaudit.capture.provenance import ProvenanceMode
+from gradaudit.capture.source import expression_of, here, location_of, name_in_frame, user_frame
+from gradaudit.trace import (
+    Backward,
+    Break,
+    GradEvent,
+    Location,
+    Optimizer,
+    Parameter,
+    RegressionTarget,
+    Term,
+    Trace,
+    Window,
+)
+
+_MAX_MODULE_INPUTS = 20_000
+_BACKWARDS_WITHOUT_STEP = 20
+
+
+class StopAudit(BaseException):
+    """Raised inside the audited program once the window is complete (BaseException: `except Exception` lets it pass)."""
+
+
+@dataclass
+class _Param:
+    tensor: torch.Tensor
+    name: str | None = None
+    group: str | None = None
+    creation_name: str | None = None
+    owners: list[int] = field(default_factory=list)
+    pending: bool = False
+    grad_key: tuple[int, int] | None = None
+    snapshot: torch.Tensor | None = None
+
+
+@dataclass
+class _Optimizer:
+    optimizer: torch.optim.Optimizer
+    index: int
+    created_at: Location | None
+    name: str | None = None
+    steps: int = 0
+
+
+@dataclass
+class _Event:
+    seq: int
+    kind: str
+    param: int
+    backward: int | None = None
+    optimizer: int | None = None
+    norm: float | None = None
+    finite: bool = True
+    by: str = ""
+    location: Location | None = None
+
+
+@dataclass
+class _TermRecord:
+    name: str
+    location: Location | None
+    constant: bool
+    param_ids: list[int]
+    sq_norms: dict[int, float]
+    coefficient: float | None
+    break_point: Break | None
+    named_by_user: bool
+
+
+@dataclass
+class _BackwardRecord:
+    index: int
+    location: Location | None
+    accumulates: bool
+    loss_finite: bool
+    terms: list[_TermRecord]
+    param_ids: list[int]
+    upstream: dict[str, list[int]]
+
+
+def _guarded(method: Callable) -> Callable:
+    """Hooks run inside the user's program: an internal error is counted, never raised (StopAudit passes)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Recorder, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:  # noqa: BLE001
+            self.internal_errors += 1
+            return None
+
+    return wrapper
+
+
+def _root_name(frame: FrameType | None) -> str:
+    text = expression_of(frame)
+    match = re.match(r"^(.*)\.backward\(.*\)$", text)
+    return match.group(1) if match else (text or "loss")
+
+
+class Recorder:
+    def __init__(self, iterations: int | None = None, term_grads: bool = True, window_cap: int = 20) -> None:
+        self.iterations_wanted = iterations
+        self.term_grads = term_grads
+        self.window_cap = window_cap
+        self.mode = ProvenanceMode()
+        self.params: dict[int, _Param] = {}
+        self.optimizers: dict[int, _Optimizer] = {}
+        self.module_groups: dict[int, tuple[nn.Module, str | None]] = {}
+        self.module_inputs: deque[tuple[str, Any]] = deque(maxlen=_MAX_MODULE_INPUTS)
+        self.user_term_names: dict[int, tuple[Any, str]] = {}
+        self.user_constant_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.events: list[_Event] = []
+        self.backwards: list[_BackwardRecord] = []
+        self.regression_targets: list[tuple[Any, list[int]]] = []
+        self.primary: int | None = None
+        self.iterations = 0
+        self.stopped_by = "context-exit"
+        self.internal_errors = 0
+        self._depth = 0
+        self._in_backward = False
+        self._undo: list[Callable[[], None]] = []
+
+    # ---------------------------------------------------------------- install / uninstall
+
+    def install(self) -> None:
+        self._patch(torch.autograd, "backward", self._wrap_backward(torch.autograd.backward, accumulates=True))
+        self._patch(torch.autograd, "grad", self._wrap_backward(torch.autograd.grad, accumulates=False))
+        self._patch(torch.optim.Optimizer, "zero_grad", self._wrap_zero_grad(torch.optim.Optimizer.zero_grad))
+        self._patch(torch.optim.Optimizer, "__init__", self._wrap_optimizer_init(torch.optim.Optimizer.__init__))
+        for handle in (
+            optimizer_module.register_optimizer_step_pre_hook(self._before_step),
+            optimizer_module.register_optimizer_step_post_hook(self._after_step),
+            nn.modules.module.register_module_forward_pre_hook(self._before_forward),
+            nn.modules.module.register_module_forward_hook(self._after_forward, always_call=True),
+        ):
+            self._undo.append(handle.remove)
+        for obj in gc.get_objects():
+            if issubclass(type(obj), torch.optim.Optimizer):  # type(): no __getattr__ on lazy proxies
+                self._optimizer(obj, None)
+        self.mode.__enter__()
+        self._undo.append(lambda: self.mode.__exit__(None, None, None))
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _patch(self, owner: Any, attribute: str, replacement: Callable) -> None:
+        original = owner.__dict__[attribute]
+        setattr(owner, attribute, replacement)
+        self._undo.append(lambda: setattr(owner, attribute, original))
+
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Our own torch calls are not the program's: keep them out of provenance."""
+        previous, self.mode.paused = self.mode.paused, True
+        try:
+            yield
+        finally:
+            self.mode.paused = previous
+
+    # ---------------------------------------------------------------- naming
+
+    def _param(self, tensor: torch.Tensor) -> _Param:
+        record = self.params.get(id(tensor))
+        if record is None or record.tensor is not tensor:
+            record = self.params[id(tensor)] = _Param(tensor)
+        return record
+
+    def _is_parameter(self, tensor: torch.Tensor) -> bool:
+        return isinstance(tensor, nn.Parameter) or id(tensor) in self.params
+
+    def _module_group(self, module: nn.Module, frame: FrameType | None) -> str | None:
+        known = self.module_groups.get(id(module))
+        if known is not None and known[0] is module:
+            return known[1]
+        named = list(module.named_parameters())
+        group = None
+        if named:
+            existing = [self.params.get(id(p)) for _, p in named]
+            if all(e is not None and e.group is not None for e in existing):
+                group = existing[0].group
+            else:
+                group = self._unique_group(self._module_name(module, frame))
+                for pname, p in named:
+                    record = self._param(p)
+                    if record.group is None:
+                        record.name, record.group = f"{group}.{pname}", group
+        self.module_groups[id(module)] = (module, group)
+        return group
+
+    def _module_name(self, module: nn.Module, frame: FrameType | None) -> str:
+        name = name_in_frame(module, frame)
+        owner = frame.f_locals.get("self") if frame is not None else None
+        if name is not None and isinstance(owner, nn.Module) and owner is not module:
+            container = name_in_frame(owner, user_frame(frame.f_back)) if frame.f_back else None
+            if container is not None:
+                self._name_container(owner, container)
+                return f"{container}.{name}"
+        if name is not None:
+            return name
+        for parent, group in list(self.module_groups.values()):
+            for subname, sub in parent.named_modules():
+                if sub is module and group is not None and subname:
+                    return f"{group}.{subname}"
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(module).__name__).lower()
+
+    def _name_container(self, container: nn.Module, name: str) -> None:
+        """Parameters held directly by a container module (CleanRL's `actor_logstd`) are named from it."""
+        for pname, p in container.named_parameters(recurse=False):
+            record = self._param(p)
+            if record.group is None:
+                record.name = record.group = f"{name}.{pname}"
+
+    def _unique_group(self, name: str) -> str:
+        taken = {group for _, group in self.module_groups.values()}
+        candidate, n = name, 2
+        while candidate in taken:
+            candidate, n = f"{name}#{n}", n + 1
+        return candidate
+
+    # ---------------------------------------------------------------- modules
+
+    @_guarded
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        self._depth += 1
+        if self._depth != 1:
+            return
+        group = self._module_group(module, user_frame())
+        if group is None or not torch.is_grad_enabled():
+            return
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.grad_fn is not None:
+                self.module_inputs.append((group, arg.grad_fn))
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth -= 1
+
+    # ---------------------------------------------------------------- optimizers
+
+    def _optimizer(self, optimizer: torch.optim.Optimizer, frame: FrameType | None) -> _Optimizer:
+        record = self.optimizers.get(id(optimizer))
+        if record is None or record.optimizer is not optimizer:
+            record = _Optimizer(optimizer, len(self.optimizers), location_of(frame) if frame else None)
+            self.optimizers[id(optimizer)] = record
+        if record.name is None and frame is not None:
+            record.name = name_in_frame(optimizer, frame)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                owners = self._param(p).owners
+                if record.index not in owners:
+                    owners.append(record.index)
+        return record
+
+    def _wrap_optimizer_init(self, original: Callable) -> Callable:
+        recorder = self
+
+        @functools.wraps(original)
+        def __init__(optimizer: torch.optim.Optimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+            original(optimizer, params, *args, **kwargs)
+            recorder._on_optimizer_created(optimizer)
+
+        return __init__
+
+    @_guarded
+    def _on_optimizer_created(self, optimizer: torch.optim.Optimizer) -> None:
+        frame = user_frame()
+        self._optimizer(optimizer, None).created_at = location_of(frame)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                record = self._param(p)
+                record.creation_name = record.creation_name or name_in_frame(p, frame)
+
+    def _wrap_zero_grad(self, original: Callable) -> Callable:
+        recorder = self
+
+        @functools.wraps(original)
+        def zero_grad(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            owned = recorder._on_zero_grad(optimizer)
+            result = original(optimizer, *args, **kwargs)
+            recorder._refresh(owned or [])
+            return result
+
+        return zero_grad
+
+    @_guarded
+    def _on_zero_grad(self, optimizer: torch.optim.Optimizer) -> list[_Param]:
+        frame = user_frame()
+        record = self._optimizer(optimizer, frame)
+        location = location_of(frame)
+        self._checkpoint(location)
+        owned = self._owned(record)
+        for param in owned:
+            if param.pending:
+                self._event(
+                    "wipe", param, optimizer=record.index, by=f"{self._label(record)}.zero_grad()", location=location
+                )
+        return owned
+
+    def _owned(self, record: _Optimizer) -> list[_Param]:
+        return [self._param(p) for group in record.optimizer.param_groups for p in group["params"]]
+
+    def _label(self, record: _Optimizer) -> str:
+        return record.name or f"{type(record.optimizer).__name__}#{record.index}"
+
+    @_guarded
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        frame = user_frame()
+        record = self._optimizer(optimizer, frame)
+        self._checkpoint(location_of(frame))
+        if record.index == self.primary and self._window_complete():
+            raise StopAudit
+
+    def _window_complete(self) -> bool:
+        if self.iterations_wanted is None or self.iterations < self.iterations_wanted:
+            return False
+        if all(o.steps > 0 for o in self.optimizers.values()):
+            self.stopped_by = "iterations"
+            return True
+        if self.iterations >= self.iterations_wanted + self.window_cap:
+            self.stopped_by = "cap"
+            return True
+        return False
+
+    @_guarded
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        record = self._optimizer(optimizer, user_frame())
+        record.steps += 1
+        location = here()
+        for param in self._owned(record):
+            if param.pending and param.tensor.grad is not None:
+                self._event(
+                    "apply", param, optimizer=record.index, by=f"{self._label(record)}.step()", location=location
+                )
+                if param.snapshot is not None:
+                    param.snapshot = param.tensor.detach().clone()
+        if self.primary is None:
+            self.primary = record.index
+        if record.index == self.primary:
+            self.iterations += 1
+
+    # ---------------------------------------------------------------- gradient state
+
+    def _event(self, kind: str, param: _Param, **fields: Any) -> None:
+        self.events.append(_Event(len(self.events), kind, id(param.tensor), **fields))
+        if kind == "wipe":
+            param.pending = False
+
+    def _checkpoint(self, location: Location | None) -> None:
+        """Detects, by their effect, wipes and updates made outside optimizers (Module.zero_grad, p.grad = None, manual SGD)."""
+        with self._paused():
+            for param in self.params.values():
+                if not param.pending:
+                    continue
+                grad = param.tensor.grad
+                if param.snapshot is not None and not torch.equal(param.tensor.detach(), param.snapshot):
+                    self._event("apply", param, by="an update outside any optimizer", location=location)
+                    param.snapshot = param.tensor.detach().clone()
+                if grad is None:
+                    self._event("wipe", param, by="grad set to None outside an optimizer", location=location)
+                elif (id(grad), grad._version) != param.grad_key:
+                    if not bool(grad.any()):
+                        self._event("wipe", param, by="grad zeroed outside an optimizer", location=location)
+                    param.grad_key = (id(grad), grad._version)
+
+    def _refresh(self, params: list[_Param]) -> None:
+        for param in params:
+            grad = param.tensor.grad
+            param.grad_key = None if grad is None else (id(grad), grad._version)
+
+    # ---------------------------------------------------------------- backward
+
+    def _wrap_backward(self, original: Callable, accumulates: bool) -> Callable:
+        recorder = self
+
+        @functools.wraps(original)
+        def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+            if recorder._in_backward:
+                return original(tensors, *args, **kwargs)
+            recorder._in_backward = True
+            try:
+                hooks = recorder._before_backward(tensors, accumulates) or ([], [])
+                try:
+                    result = original(tensors, *args, **kwargs)
+                finally:
+                    for handle in hooks[0]:
+                        handle.remove()
+                    recorder._after_backward(hooks[1])
+            finally:
+                recorder._in_backward = False
+            if recorder.note_backward_without_step():
+                raise StopAudit
+            return result
+
+        return backward
+
+    @_guarded
+    def _before_backward(self, tensors: Any, accumulates: bool) -> tuple[list, list]:
+        frame = user_frame()
+        location = location_of(frame)
+        roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        with self._paused():
+            self._checkpoint(location)
+            nodes = [r.grad_fn for r in roots if isinstance(r, torch.Tensor)]
+            view = walk(nodes, self._is_parameter)
+            for pid in view.param_ids:
+                self._param(view.leaves[pid][1])
+            index = len(self.backwards)
+            terms = [
+                self._term(raw, view, location)
+                for root in roots
+                if isinstance(root, torch.Tensor)
+                for raw in self._raw_terms(root, frame)
+            ]
+            finite = all(bool(torch.isfinite(r.detach()).all()) for r in roots if isinstance(r, torch.Tensor))
+            self.backwards.append(
+                _BackwardRecord(index, location, accumulates, finite, terms, list(view.param_ids), self._upstream(view))
+            )
+            self._note_regression_targets(view)
+        if not accumulates:
+            return [], []
+        contributions: list[tuple[_Param, list]] = []
+        handles = []
+        for pid in view.param_ids:
+            node, tensor = view.leaves[pid]
+            seen: list = []
+            contributions.append((self._param(tensor), seen))
+            handles.append(node.register_prehook(functools.partial(self._on_contribution, seen)))
+        return handles, [(index, param, seen) for param, seen in contributions]
+
+    def _on_contribution(self, seen: list, grad_outputs: tuple) -> None:
+        grad = grad_outputs[0]
+        if grad is not None:
+            with torch.no_grad():
+                seen.append((float(grad.double().norm()), bool(torch.isfinite(grad).all())))
+
+    @_guarded
+    def _after_backward(self, contributions: list) -> None:
+        location = self.backwards[-1].location if self.backwards else None
+        for index, param, seen in contributions:
+            if not seen:
+                continue
+            norm, finite = seen[0]
+            self._event("accumulate", param, backward=index, norm=norm, finite=finite, location=location)
+            param.pending = True
+            self._refresh([param])
+            if not param.owners and param.snapshot is None:
+                param.snapshot = param.tensor.detach().clone()
+
+    def _raw_terms(self, root: torch.Tensor, frame: FrameType | None) -> list[RawTerm]:
+        name = _root_name(frame)
+        if root.grad_fn is None:
+            return [RawTerm(name, 1.0, None, 0, None, 0, None)]
+        return decompose(root.grad_fn, self.mode.record_for, name, self._user_term_name)
+
+    def _user_term_name(self, node: Any) -> str | None:
+        entry = self.user_term_names.get(id(node))
+        return entry[1] if entry is not None and entry[0] is node else None
+
+    def _term(self, raw: RawTerm, view: GraphView, location: Location | None) -> _TermRecord:
+        where = raw.added_by or raw.producer
+        term_location = where.location if where is not None else location
+        user_name = self._user_term_name(raw.node) if raw.node is not None else None
+        if raw.node is None:
+            origin = raw.added_by.constant_args.get(raw.operand_index) if raw.added_by else None
+            return _TermRecord(raw.name, term_location, True, [], {}, None, origin, False)
+        reached = view.params_reached(raw.node)
+        coefficient = raw.producer.factor if raw.producer is not None else None
+        sq_norms = self._term_gradients(raw, view, reached) if self.term_grads and reached else {}
+        return _TermRecord(
+            user_name or raw.name, term_location, False, reached, sq_norms, coefficient, None, user_name is not None
+        )
+
+    def _term_gradients(self, raw: RawTerm, view: GraphView, reached: list[int]) -> dict[int, float]:
+        """The term's own gradient per parameter: an extra non-accumulating backward from its graph edge."""
+        metadata = raw.node._input_metadata[raw.output_nr]
+        seed = torch.full(tuple(metadata.shape), raw.scale, dtype=metadata.dtype, device=metadata.device)
+        params = [view.leaves[pid][1] for pid in reached]
+        grads = torch.autograd.grad(
+            [GradientEdge(raw.node, raw.output_nr)], params, grad_outputs=[seed], retain_graph=True, allow_unused=True
+        )
+        return {
+            pid: 0.0 if g is None else float(g.detach().double().pow(2).sum())
+            for pid, g in zip(reached, grads, strict=True)
+        }
+
+    def _upstream(self, view: GraphView) -> dict[str, list[int]]:
+        upstream: dict[str, set[int]] = {}
+        for group, node in self.module_inputs:
+            if id(node) in view.nodes and view.nodes[id(node)] is node:
+                upstream.setdefault(group, set()).update(view.params_reached(node))
+        return {group: sorted(pids) for group, pids in upstream.items()}
+
+    def _note_regression_targets(self, view: GraphView) -> None:
+        remaining = []
+        for call in self.mode.regression_calls:
+            node = call.target_node
+            if id(node) in view.nodes and view.nodes[id(node)] is node:
+                reached = view.params_reached(node)
+                if reached:
+                    self.regression_targets.append((call, reached))
+            else:
+                remaining.append(call)
+        self.mode.regression_calls[:] = remaining[-1000:]
+
+    # ---------------------------------------------------------------- user API
+
+    def name_term(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.grad_fn is not None:
+            self.user_term_names[id(tensor.grad_fn)] = (tensor.grad_fn, name)
+        else:
+            self.mode.named_constants[tensor] = name
+
+    def note_backward_without_step(self) -> bool:
+        """A program that never steps an optimizer ends its window after a number of backward calls."""
+        if (
+            self.iterations_wanted is not None
+            and not self.optimizers
+            and len(self.backwards) >= _BACKWARDS_WITHOUT_STEP
+        ):
+            self.stopped_by = "iterations"
+            return True
+        return False
+
+    # ---------------------------------------------------------------- the Trace
+
+    def build_trace(self, program: str, stopped_by: str | None = None, note: str = "") -> Trace:
+        names = self._final_names()
+        groups = {pid: self.params[pid].group or names[pid] for pid in names}
+
+        def group_norms(sq_norms: dict[int, float]) -> dict[str, float]:
+            totals: dict[str, float] = {}
+            for pid, sq in sq_norms.items():
+                totals[groups[pid]] = totals.get(groups[pid], 0.0) + sq
+            return {g: math.sqrt(v) for g, v in totals.items()}
+
+        def group_list(pids: list[int]) -> list[str]:
+            return sorted({groups[pid] for pid in pids})
+
+        optimizers = sorted(self.optimizers.values(), key=lambda o: o.index)
+        return Trace(
+            program=program,
+            window=Window(self.iterations, stopped_by or self.stopped_by, note),
+            parameters=[
+                Parameter(names[pid], groups[pid], list(p.tensor.shape), p.tensor.requires_grad, sorted(p.owners))
+                for pid, p in self.params.items()
+            ],
+            optimizers=[
+                Optimizer(o.index, self._label(o), type(o.optimizer).__name__, o.created_at, o.steps)
+                for o in optimizers
+            ],
+            backwards=[
+                Backward(
+                    b.index,
+                    b.location,
+                    b.accumulates,
+                    b.loss_finite,
+                    [
+                        Term(
+                            t.name,
+                            t.location,
+                            t.constant,
+                            group_list(t.param_ids),
+                            group_norms(t.sq_norms),
+                            t.coefficient,
+                            t.break_point,
+                            t.named_by_user,
+                        )
+                        for t in b.terms
+                    ],
+                    group_list(b.param_ids),
+                    {g: group_list(pids) for g, pids in b.upstream.items()},
+                )
+                for b in self.backwards
+            ],
+            events=[
+                GradEvent(e.seq, e.kind, names[e.param], e.backward, e.optimizer, e.norm, e.finite, e.by, e.location)
+                for e in self.events
+            ],
+            regression_targets=[
+                RegressionTarget(call.op, call.location, call.target_expression, group_list(pids))
+                for call, pids in self.regression_targets
+            ],
+        )
+
+    def _final_names(self) -> dict[int, str]:
+        names: dict[int, str] = {}
+        taken: set[str] = set()
+        for pid, p in self.params.items():
+            base = p.name or p.creation_name or self._fallback_name(p)
+            name, n = base, 2
+            while name in taken:
+                name, n = f"{base}#{n}", n + 1
+            taken.add(name)
+            names[pid] = name
+        return names
+
+    def _fallback_name(self, param: _Param) -> str:
+        shape = "x".join(map(str, param.tensor.shape)) or "scalar"
+        if param.owners:
+            owner = next(o for o in self.optimizers.values() if o.index == param.owners[0])
+            return f"{self._label(owner)}:param[{shape}]"
+        return f"tensor[{shape}]"

@@ -1,0 +1,79 @@
+"""Findings: what a rule concluded, and the rule's own identity and documentation."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from gradaudit.trace import Location, Trace
+
+
+class Severity(enum.IntEnum):
+    info = 0
+    warning = 1
+    error = 2
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    name: str
+    severity: Severity
+    subject: str
+    message: str
+    location: Location | None
+    hint: str
+
+    def to_dict(self) -> dict:
+        return {
+            "rule": self.rule,
+            "name": self.name,
+            "severity": self.severity.name,
+            "subject": self.subject,
+            "message": self.message,
+            "location": None if self.location is None else {"file": self.location.file, "line": self.location.line},
+            "hint": self.hint,
+        }
+
+
+Check = Callable[[Trace, Mapping[str, float]], list[Finding]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: its code, slug and severity, why it matters, a bad and a good example, the fix, and its check."""
+
+    code: str
+    name: str
+    severity: Severity
+    summary: str
+    why: str
+    bad: str
+    good: str
+    fix: str
+    check: Check
+    options: Mapping[str, float] = field(default_factory=dict)
+    """Thresholds, with their defaults; documented in `why`."""
+
+    def finding(
+        self,
+        subject: str,
+        message: str,
+        location: Location | None,
+        severity: Severity | None = None,
+        hint: str | None = None,
+    ) -> Finding:
+        return Finding(
+            self.code,
+            self.name,
+            self.severity if severity is None else severity,
+            subject,
+            message,
+            location,
+            self.fix if hint is None else hint,
+        )
+
+    def run(self, trace: Trace, overrides: Mapping[str, float] | None = None) -> list[Finding]:
+        options = {**self.options, **{k: v for k, v in (overrides or {}).items() if k in self.options}}
+        return self.check(trace, options)
