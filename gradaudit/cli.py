@@ -31,7 +31,7 @@ class FailOn(str, enum.Enum):
 
 
 def fail(message: str) -> NoReturn:
-    stderr.print(f"[bold red]gradaudit: error:[/bold red] {escape(message)}")
+    stderr.print(f"[bold red]gradaudit: error:[/bold red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -106,7 +106,7 @@ def run(
     if outcome.stopped_by == "exception":
         sys.stderr.write(outcome.traceback)
         note = f"the program raised {outcome.error} after {recorder.iterations} iteration(s); reporting what was seen"
-        stderr.print(f"[yellow]gradaudit:[/yellow] {escape(note)}")
+        stderr.print(f"[yellow]gradaudit:[/yellow] {escape(note)}", soft_wrap=True)
     elif outcome.stopped_by == "cap":
         note = "window capped before every optimizer stepped"
     audit.finish(outcome.stopped_by, note)

@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from gradaudit.capture.graph import GraphView, RawTerm, decompose, walk
 from gradaudit.capture.provenance import ProvenanceMode
-from gradaudit.capture.source import expression_of, here, location_of, name_in_frame, user_frame
+from gradaudit.capture.source import assigned_name, expression_of, here, location_of, name_in_frame, user_frame
 from gradaudit.trace import (
     Backward,
     Break,
@@ -53,6 +53,7 @@ class _Param:
     name: str | None = None
     group: str | None = None
     creation_name: str | None = None
+    creation_group: str | None = None
     owners: list[int] = field(default_factory=list)
     pending: bool = False
     grad_key: tuple[int, int] | None = None
@@ -118,6 +119,22 @@ def _guarded(method: Callable) -> Callable:
     return wrapper
 
 
+def _modules_in_scope(frame: FrameType | None) -> dict[int, tuple[str, str]]:
+    """id(parameter) -> (module variable, parameter path) for the modules a frame can see (`self.x` as `x`)."""
+    found: dict[int, tuple[str, str]] = {}
+    if frame is None:
+        return found
+    candidates = [*frame.f_globals.items(), *frame.f_locals.items()]
+    owner = frame.f_locals.get("self")
+    if owner is not None and not isinstance(owner, nn.Module):
+        candidates += list(getattr(owner, "__dict__", {}).items())
+    for name, value in candidates:
+        if isinstance(value, nn.Module) and not name.startswith("_"):
+            for pname, p in value.named_parameters():
+                found.setdefault(id(p), (name, pname))
+    return found
+
+
 def _root_name(frame: FrameType | None) -> str:
     text = expression_of(frame)
     match = re.match(r"^(.*)\.backward\(.*\)$", text)
@@ -127,6 +144,7 @@ def _root_name(frame: FrameType | None) -> str:
 class Recorder:
     def __init__(self, iterations: int | None = None, term_grads: bool = True, window_cap: int = 20) -> None:
         self.iterations_wanted = iterations
+        """None: the window is the `with` block (API mode), which may use optimizers created before it."""
         self.term_grads = term_grads
         self.window_cap = window_cap
         self.mode = ProvenanceMode()
@@ -161,9 +179,10 @@ class Recorder:
             nn.modules.module.register_module_forward_hook(self._after_forward, always_call=True),
         ):
             self._undo.append(handle.remove)
-        for obj in gc.get_objects():
-            if issubclass(type(obj), torch.optim.Optimizer):  # type(): no __getattr__ on lazy proxies
-                self._optimizer(obj, None)
+        if self.iterations_wanted is None:
+            for obj in gc.get_objects():
+                if issubclass(type(obj), torch.optim.Optimizer):  # type(): no __getattr__ on lazy proxies
+                    self._optimizer(obj, None)
         self.mode.__enter__()
         self._undo.append(lambda: self.mode.__exit__(None, None, None))
 
@@ -276,6 +295,7 @@ class Recorder:
                 owners = self._param(p).owners
                 if record.index not in owners:
                     owners.append(record.index)
+        self._name_from_scope(optimizer, frame)
         return record
 
     def _wrap_optimizer_init(self, original: Callable) -> Callable:
@@ -291,11 +311,27 @@ class Recorder:
     @_guarded
     def _on_optimizer_created(self, optimizer: torch.optim.Optimizer) -> None:
         frame = user_frame()
-        self._optimizer(optimizer, None).created_at = location_of(frame)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                record = self._param(p)
-                record.creation_name = record.creation_name or name_in_frame(p, frame)
+        record = self._optimizer(optimizer, None)
+        record.created_at, record.name = location_of(frame), assigned_name(frame)
+        self._name_from_scope(optimizer, frame)
+
+    def _name_from_scope(self, optimizer: torch.optim.Optimizer, frame: FrameType | None) -> None:
+        """Names parameters that no module call may ever name: from the modules and variables in scope here."""
+        unnamed = [
+            self._param(p)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if self._param(p).creation_name is None and self._param(p).name is None
+        ]
+        if not unnamed or frame is None:
+            return
+        in_scope = _modules_in_scope(frame)
+        for record in unnamed:
+            if id(record.tensor) in in_scope:
+                record.creation_group, pname = in_scope[id(record.tensor)]
+                record.creation_name = f"{record.creation_group}.{pname}"
+            else:
+                record.creation_name = name_in_frame(record.tensor, frame)
 
     def _wrap_zero_grad(self, original: Callable) -> Callable:
         recorder = self
@@ -552,7 +588,7 @@ class Recorder:
 
     def build_trace(self, program: str, stopped_by: str | None = None, note: str = "") -> Trace:
         names = self._final_names()
-        groups = {pid: self.params[pid].group or names[pid] for pid in names}
+        groups = {pid: self.params[pid].group or self.params[pid].creation_group or names[pid] for pid in names}
 
         def group_norms(sq_norms: dict[int, float]) -> dict[str, float]:
             totals: dict[str, float] = {}

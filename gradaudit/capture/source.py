@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import linecache
 import os
+import re
 import sys
 from functools import lru_cache
 from types import CodeType, FrameType
@@ -107,6 +108,16 @@ def call_argument_text(expression: str, position: int, keyword: str) -> str:
     if len(node.args) > position:
         return ast.get_source_segment(expression, node.args[position]) or ""
     return ""
+
+
+def assigned_name(frame: FrameType | None) -> str | None:
+    """`critic_opt` for a frame executing `critic_opt = Adam(...)` (or `self.critic_opt = ...`)."""
+    if frame is None:
+        return None
+    match = re.match(
+        r"\s*(?:self\.)?([\w.]+)\s*(?::[^=]+)?=[^=]", linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    )
+    return match.group(1) if match else None
 
 
 def name_in_frame(obj: object, frame: FrameType | None) -> str | None:

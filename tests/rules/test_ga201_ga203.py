@@ -1,0 +1,41 @@
+from tests.conftest import fixture_line
+
+
+def test_encoder_in_actor_optimizer_discards_the_critic_gradient(gradaudit_cli):
+    result = gradaudit_cli("run", "encoder_layout.py", "--", "--layout", "encoder-in-actor")
+    assert result.exit_code == 1
+    (finding,) = result.findings("GA203")
+    assert finding["severity"] == "warning"
+    assert finding["subject"] == "obs_encoder"
+    assert "feeds critic" in finding["message"] and "upstream feature provider" in finding["message"]
+    assert "actorvae_optimizer.zero_grad()" in finding["message"]
+    assert finding["location"]["line"] == fixture_line("encoder_layout.py", "GA203-here")
+    assert result.findings("GA201") == []
+
+
+def test_encoder_in_no_optimizer_is_an_orphan(gradaudit_cli):
+    result = gradaudit_cli("run", "encoder_layout.py", "--", "--layout", "encoder-orphan")
+    (finding,) = result.findings("GA201")
+    assert finding["subject"] == "obs_encoder"
+    assert "obs_encoder (4 tensors)" in finding["message"]
+    assert finding["location"]["line"] == fixture_line("encoder_layout.py", "GA201-here")
+    assert result.findings("GA203") == []
+
+
+def test_encoder_in_critic_optimizer_is_clean(gradaudit_cli):
+    result = gradaudit_cli("run", "encoder_layout.py", "--", "--layout", "fixed")
+    assert result.exit_code == 0
+    assert result.findings() == []
+
+
+def test_downstream_evaluators_are_not_reported(gradaudit_cli):
+    for script in ("sac_actor_critic.py", "gan.py"):
+        result = gradaudit_cli("run", script)
+        assert result.at_least_warning() == [], script
+        assert result.exit_code == 0
+
+
+def test_temperature_parameter_is_named_from_its_variable(gradaudit_cli):
+    result = gradaudit_cli("run", "sac_actor_critic.py")
+    groups = {g["group"]: g for g in result.report["groups"]}
+    assert groups["log_alpha"]["optimizers"] == ["alpha_optimizer"]

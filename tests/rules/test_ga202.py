@@ -1,0 +1,19 @@
+from tests.conftest import fixture_line
+
+
+def test_unused_head_in_optimizer(gradaudit_cli):
+    result = gradaudit_cli("run", "unused_head.py", "--", "--bug")
+    (finding,) = result.findings("GA202")
+    assert finding["subject"] == "value_head"
+    assert "optimizer" in finding["message"] and "stepped" in finding["message"]
+    assert finding["location"]["line"] == fixture_line("unused_head.py", "GA202-here")
+
+
+def test_used_head_is_clean(gradaudit_cli):
+    assert gradaudit_cli("run", "unused_head.py").findings() == []
+
+
+def test_frozen_backbone_and_target_network_are_silent(gradaudit_cli):
+    for script in ("frozen_backbone.py", "dqn.py"):
+        result = gradaudit_cli("run", script)
+        assert result.findings() == [], script

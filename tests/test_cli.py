@@ -1,0 +1,91 @@
+"""The command line on real programs: exit codes, bad input, program behaviours."""
+
+import json
+
+from gradaudit.rules import RULES
+
+
+def test_missing_script_is_exit_2(gradaudit_cli):
+    result = gradaudit_cli("run", "does_not_exist.py")
+    assert result.exit_code == 2
+    assert "no such script: does_not_exist.py" in result.output
+
+
+def test_missing_module_is_exit_2(gradaudit_cli):
+    result = gradaudit_cli("run", "-m", "no_such_package.train")
+    assert result.exit_code == 2
+    assert "no module named 'no_such_package.train'" in result.output
+
+
+def test_program_without_backward_lists_optimizers(gradaudit_cli):
+    result = gradaudit_cli("run", "no_backward.py")
+    assert result.exit_code == 2
+    assert "no backward call seen" in result.output
+    assert "Adam 'optimizer' (no_backward.py:7)" in result.output
+
+
+def test_crash_before_first_iteration_shows_its_traceback(gradaudit_cli):
+    result = gradaudit_cli("run", "crash_early.py")
+    assert result.exit_code == 2
+    assert 'crash_early.py", line 10' in result.output
+    assert "RuntimeError: data file is corrupt before completing a training iteration" in result.output
+    assert "gradaudit/" not in result.output.split("Traceback")[1].split("gradaudit: error")[0]
+
+
+def test_crash_after_iterations_reports_what_was_seen(gradaudit_cli):
+    result = gradaudit_cli("run", "crash_late.py")
+    assert result.exit_code == 1
+    assert "ValueError: diverged after 2 iteration(s)" in " ".join(result.output.split())
+    assert [f["subject"] for f in result.findings("GA202")] == ["head"]
+
+
+def test_sys_exit_is_audited(gradaudit_cli):
+    result = gradaudit_cli("run", "sys_exit.py")
+    assert result.report["window"] == {"iterations": 2, "stopped_by": "program-end", "note": ""}
+    assert [f["subject"] for f in result.findings("GA202")] == ["unused"]
+
+
+def test_dataloader_workers_and_closures_are_audited(gradaudit_cli):
+    for script in ("dataloader_workers.py", "closure.py"):
+        result = gradaudit_cli("run", script, "--iterations", "2")
+        assert result.exit_code == 0, script
+        assert result.report["window"]["stopped_by"] == "iterations"
+        assert result.report["groups"][0]["grad_norm"] > 0
+
+
+def test_window_grows_until_every_optimizer_stepped(gradaudit_cli):
+    result = gradaudit_cli("run", "gan.py", "--iterations", "1")
+    steps = {o["name"]: o["steps"] for o in result.report["optimizers"]}
+    assert steps["g_optimizer"] >= 1 and steps["d_optimizer"] == 2
+
+
+def test_fail_on_select_and_ignore(gradaudit_cli):
+    assert gradaudit_cli("run", "entropy_bonus.py", "--fail-on", "info", "--", "--ent-coef", "0").exit_code == 1
+    assert gradaudit_cli("run", "dqn.py", "--ignore", "GA206", "--", "--bug").exit_code == 0
+    assert gradaudit_cli("run", "dqn.py", "--select", "GA1", "--", "--bug").findings() == []
+
+
+def test_saved_trace_reports_the_same(gradaudit_cli, tmp_path):
+    trace = tmp_path / "trace.json"
+    live = gradaudit_cli("run", "encoder_layout.py", "--save-trace", str(trace), "--", "--layout", "encoder-in-actor")
+    offline = gradaudit_cli("report", str(trace))
+    assert offline.exit_code == live.exit_code == 1
+    assert offline.report["findings"] == live.report["findings"]
+
+
+def test_corrupt_trace_is_exit_2(gradaudit_cli, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = gradaudit_cli("report", str(bad))
+    assert result.exit_code == 2 and "not a readable trace JSON file" in result.output
+    bad.write_text(json.dumps({"version": 1, "program": "x"}))
+    result = gradaudit_cli("report", str(bad))
+    assert result.exit_code == 2 and "damaged gradaudit trace" in result.output
+
+
+def test_rules_catalog_and_documentation(gradaudit_cli):
+    listing = gradaudit_cli("rules")
+    assert all(rule.code in listing.output for rule in RULES)
+    doc = gradaudit_cli("rules", "GA203")
+    assert "discarded-grad" in doc.output and "Bad" in doc.output and "Good" in doc.output and "Fix" in doc.output
+    assert gradaudit_cli("rules", "GA999").exit_code == 2
