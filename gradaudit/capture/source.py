@@ -33,7 +33,7 @@ def user_frame(start: FrameType | None = None) -> FrameType | None:
 def location_of(frame: FrameType | None) -> Location | None:
     if frame is None:
         return None
-    return Location(_display_path(frame.f_code.co_filename), frame.f_lineno, frame.f_code.co_name)
+    return Location(_display_path(frame.f_code.co_filename, os.getcwd()), frame.f_lineno, frame.f_code.co_name)
 
 
 def here() -> Location | None:
@@ -42,9 +42,10 @@ def here() -> Location | None:
 
 
 @lru_cache(maxsize=4096)
-def _display_path(filename: str) -> str:
+def _display_path(filename: str, cwd: str) -> str:
+    """Relative to the working directory when the file is below it, as compilers print paths."""
     try:
-        relative = os.path.relpath(filename)
+        relative = os.path.relpath(filename, cwd)
     except ValueError:
         return filename
     return filename if relative.startswith("..") else relative
