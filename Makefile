@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gradaudit.demo
+	$(BIN)/python -m reference_agents.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
