@@ -96,6 +96,8 @@ def run(
     if outcome.stopped_by == "exception" and recorder.iterations == 0:
         sys.stderr.write(outcome.traceback)
         fail(f"the program raised {outcome.error} before completing a training iteration (0 iterations audited)")
+    if not recorder.backwards and outcome.exit_code:
+        fail(f"the program exited with status {outcome.exit_code} before any backward call: nothing to audit")
     if not recorder.backwards:
         seen = ", ".join(
             f"{type(o.optimizer).__name__} '{recorder._label(o)}'" + (f" ({o.created_at})" if o.created_at else "")

@@ -89,3 +89,9 @@ def test_rules_catalog_and_documentation(gradaudit_cli):
     doc = gradaudit_cli("rules", "GA203")
     assert "discarded-grad" in doc.output and "Bad" in doc.output and "Good" in doc.output and "Fix" in doc.output
     assert gradaudit_cli("rules", "GA999").exit_code == 2
+
+
+def test_program_exiting_with_an_error_before_backward_is_exit_2(gradaudit_cli):
+    result = gradaudit_cli("run", "encoder_layout.py", "--", "--no-such-flag")
+    assert result.exit_code == 2
+    assert "the program exited with status 2 before any backward call" in result.output
