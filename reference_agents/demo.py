@@ -47,7 +47,9 @@ def audit(case: Case, report: Path) -> dict:
     command += ["--json", str(report), "--", "--variant", case.variant, "--quiet"]
     completed = subprocess.run(command, capture_output=True, text=True)
     if not report.exists():
-        return {"error": completed.stderr.strip().splitlines()[-1] if completed.stderr else f"exit {completed.returncode}"}
+        return {
+            "error": completed.stderr.strip().splitlines()[-1] if completed.stderr else f"exit {completed.returncode}"
+        }
     return json.loads(report.read_text())
 
 
@@ -74,7 +76,13 @@ def main() -> int:
             found = tuple(sorted({f["rule"] for f in findings if f["severity"] != "info"}))
             ok = found == tuple(sorted(case.expected))
             failures += not ok
-            table.add_row(case.agent, case.variant, shown or "[green]clean", ", ".join(case.expected) or "clean", "✓" if ok else "✗")
+            table.add_row(
+                case.agent,
+                case.variant,
+                shown or "[green]clean",
+                ", ".join(case.expected) or "clean",
+                "✓" if ok else "✗",
+            )
     console.print(table)
     return 1 if failures else 0
 
