@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gradaudit.config import Config, ConfigError, load_config, parse_option
 from gradaudit.findings import Finding, Severity
 from gradaudit.report import build_report, json_report
 from gradaudit.report import console as console_report
@@ -24,7 +25,7 @@ app = typer.Typer(
 stderr = Console(stderr=True, highlight=False)
 
 
-class FailOn(str, enum.Enum):
+class FailOn(enum.StrEnum):
     info = "info"
     warning = "warning"
     error = "error"
@@ -39,7 +40,27 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
-def emit(trace: Trace, findings: list[Finding], json_path: Path | None, quiet: bool, fail_on: FailOn) -> int:
+def settings(
+    select: list[str] | None,
+    ignore: list[str] | None,
+    fail_on: FailOn | None,
+    options: list[str] | None,
+    iterations: int | None = None,
+) -> Config:
+    """[tool.gradaudit] of the nearest pyproject.toml, overridden by the flags given; a bad setting is exit 2."""
+    try:
+        return load_config().override(
+            select=_split(select),
+            ignore=_split(ignore),
+            fail_on=None if fail_on is None else Severity[fail_on.value],
+            iterations=iterations,
+            options=dict(parse_option(option) for option in options or []),
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def emit(trace: Trace, findings: list[Finding], json_path: Path | None, quiet: bool, fail_on: Severity) -> int:
     """Writes the requested outputs; returns the exit code for `fail_on`."""
     report = build_report(trace, findings)
     if json_path is not None:
@@ -47,13 +68,19 @@ def emit(trace: Trace, findings: list[Finding], json_path: Path | None, quiet: b
             json_report.render(report, stream)
     if not quiet:
         console_report.render(report, sys.stdout)
-    threshold = Severity[fail_on.value]
-    return 1 if any(f.severity >= threshold for f in findings) else 0
+    return 1 if any(f.severity >= fail_on for f in findings) else 0
 
 
 SelectOption = Annotated[list[str] | None, typer.Option("--select", help="only these rules (codes, prefixes, names)")]
 IgnoreOption = Annotated[list[str] | None, typer.Option("--ignore", help="skip these rules")]
-FailOnOption = Annotated[FailOn, typer.Option("--fail-on", help="lowest severity that makes the exit code 1")]
+FailOnOption = Annotated[
+    FailOn | None,
+    typer.Option("--fail-on", help=f"lowest severity that makes the exit code 1 (default: {Config.fail_on.name})"),
+]
+OptionOption = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-o", metavar="CODE.NAME=VALUE", help="a rule threshold, e.g. GA301.max_amplification=50"),
+]
 JsonOption = Annotated[Path | None, typer.Option("--json", help="write the report as JSON")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no console report")]
 
@@ -63,12 +90,16 @@ def run(
     target: Annotated[str | None, typer.Argument(help="the training script (or, with -m, its first argument)")] = None,
     script_args: Annotated[list[str] | None, typer.Argument(help="arguments for the program, after --")] = None,
     module: Annotated[str | None, typer.Option("-m", help="run a module as __main__, like python -m")] = None,
-    iterations: Annotated[int, typer.Option("--iterations", "-n", min=1, help="training iterations to audit")] = 3,
+    iterations: Annotated[
+        int | None,
+        typer.Option("--iterations", "-n", min=1, help=f"training iterations to audit (default: {Config.iterations})"),
+    ] = None,
     json_path: JsonOption = None,
     save_trace: Annotated[Path | None, typer.Option("--save-trace", help="write the full trace as JSON")] = None,
     select: SelectOption = None,
     ignore: IgnoreOption = None,
-    fail_on: FailOnOption = FailOn.warning,
+    fail_on: FailOnOption = None,
+    option: OptionOption = None,
     quiet: QuietOption = False,
     term_grads: Annotated[bool, typer.Option(help="measure each loss term's gradient per parameter group")] = True,
 ) -> None:
@@ -76,6 +107,7 @@ def run(
     from gradaudit.capture import Audit
     from gradaudit.runner import ProgramNotFound, run_program
 
+    config = settings(select, ignore, fail_on, option, iterations)
     args = list(script_args or [])
     if module is not None:
         if target is not None:
@@ -86,7 +118,12 @@ def run(
     else:
         fail("name a script (gradaudit run train.py) or a module (gradaudit run -m package.module)")
     audit = Audit(
-        iterations=iterations, term_grads=term_grads, select=_split(select), ignore=_split(ignore), program=program
+        iterations=config.iterations,
+        term_grads=term_grads,
+        select=config.select,
+        ignore=config.ignore,
+        options=config.options,
+        program=program,
     )
     try:
         outcome = run_program(audit, program, args, as_module)
@@ -115,7 +152,7 @@ def run(
     assert audit.trace is not None
     if save_trace is not None:
         audit.trace.save(save_trace)
-    raise typer.Exit(emit(audit.trace, audit.findings, json_path, quiet, fail_on))
+    raise typer.Exit(emit(audit.trace, audit.findings, json_path, quiet, config.fail_on))
 
 
 @app.command()
@@ -124,16 +161,18 @@ def report(
     json_path: JsonOption = None,
     select: SelectOption = None,
     ignore: IgnoreOption = None,
-    fail_on: FailOnOption = FailOn.warning,
+    fail_on: FailOnOption = None,
+    option: OptionOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Re-run the rules on a saved trace."""
+    config = settings(select, ignore, fail_on, option)
     try:
         trace = Trace.load(trace_path)
     except TraceError as exc:
         fail(str(exc))
-    findings = run_rules(trace, _split(select), _split(ignore))
-    raise typer.Exit(emit(trace, findings, json_path, quiet, fail_on))
+    findings = run_rules(trace, config.select, config.ignore, config.options)
+    raise typer.Exit(emit(trace, findings, json_path, quiet, config.fail_on))
 
 
 @app.command()
@@ -157,7 +196,9 @@ def rules(code: Annotated[str | None, typer.Argument(help="a rule code or name, 
     out.print(f"[bold]Good[/bold]\n{escape(rule.good)}\n")
     out.print(f"[bold]Fix[/bold]\n{escape(rule.fix)}")
     if rule.options:
-        out.print("\n[bold]Options[/bold]\n" + "\n".join(f"{k} = {v}" for k, v in rule.options.items()))
+        defaults = "\n".join(f"{rule.code}.{name} = {default:g}" for name, default in rule.options.items())
+        where = f"set with -o {rule.code}.NAME=VALUE, or in pyproject.toml under [tool.gradaudit.{rule.code}]"
+        out.print(f"\n[bold]Options[/bold]\n{defaults}\n{escape(where)}")
 
 
 def main() -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from gradaudit.trace import Location, Trace
+
+
+class ConfigError(ValueError):
+    """A setting gradaudit cannot use (unknown rule or option, a value of the wrong kind): said in one line."""
 
 
 class Severity(enum.IntEnum):
@@ -54,7 +59,7 @@ class Rule:
     fix: str
     check: Check
     options: Mapping[str, float] = field(default_factory=dict)
-    """Thresholds, with their defaults; documented in `why`."""
+    """Thresholds, with their defaults; documented in `why`. Set as `CODE.name` (`-o`, `[tool.gradaudit.CODE]`)."""
 
     def finding(
         self,
@@ -74,6 +79,17 @@ class Rule:
             self.fix if hint is None else hint,
         )
 
+    def resolve_options(self, overrides: Mapping[str, object] | None = None) -> dict[str, float]:
+        """This rule's own `overrides` (plain names) merged over its defaults; a typo fails instead of being ignored."""
+        resolved = dict(self.options)
+        for name, value in (overrides or {}).items():
+            if name not in self.options:
+                known = ", ".join(f"{self.code}.{option}" for option in self.options) or "none"
+                raise ConfigError(f"{self.code} has no option {name!r} (its options: {known})")
+            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+                raise ConfigError(f"{self.code}.{name} must be a number, got {value!r}")
+            resolved[name] = float(value)
+        return resolved
+
     def run(self, trace: Trace, overrides: Mapping[str, float] | None = None) -> list[Finding]:
-        options = {**self.options, **{k: v for k, v in (overrides or {}).items() if k in self.options}}
-        return self.check(trace, options)
+        return self.check(trace, self.resolve_options(overrides))

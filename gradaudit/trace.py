@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
-TRACE_VERSION = 1
+TRACE_VERSION = 2
 
 
 class TraceError(ValueError):
@@ -90,6 +90,11 @@ class Backward:
     upstream: dict[str, list[str]] = field(default_factory=dict)
     """For each module group called in this graph: the groups whose outputs feed its inputs."""
 
+    def term_matrix(self) -> tuple[list[str], dict[str, dict[str, float]]]:
+        """Term x parameter-group gradient norms: (the groups, as columns; term name -> group -> norm)."""
+        groups = sorted({g for term in self.terms for g in term.grad_norms})
+        return groups, {term.name: dict(term.grad_norms) for term in self.terms if term.grad_norms}
+
 
 @dataclass
 class GradEvent:
@@ -119,6 +124,122 @@ class RegressionTarget:
 
 
 @dataclass
+class ChainCall:
+    """One call of a repeatedly applied module, in forward order."""
+
+    carried: bool
+    """Its output was part of this backward's graph (False: computed under no_grad or detached away)."""
+    linked: bool
+    """Gradient flows from this call's output into the next call's input (always False for the last call)."""
+    output_norm: float | None = None
+    """Norm of the gradient at the call's output during the backward, read before any clipping."""
+    param_norm: float | None = None
+    """Norm of this call's own contribution to the module's parameter gradient."""
+
+
+@dataclass
+class Chain:
+    """A module whose output feeds its own next call (unrolled sampler, RNN cell, fixed-point loop), per backward."""
+
+    module: str
+    backward: int
+    location: Location | None
+    """The call site of the last call."""
+    calls: list[ChainCall]
+
+    def carried_run(self) -> list[int]:
+        """Indices of the longest run of gradient-linked calls: the steps the gradient really travels through."""
+        best: list[int] = []
+        run: list[int] = []
+        for index, call in enumerate(self.calls):
+            if call.carried:
+                run.append(index)
+                if len(run) > len(best):
+                    best = list(run)
+            if not (call.carried and call.linked):
+                run = []
+        return best
+
+    def step_amplifications(self) -> list[float]:
+        """Gradient norm at call k over that at call k+1 along the run (backward travels from the last call)."""
+        norms = [self.calls[i].output_norm for i in self.carried_run()]
+        return [a / b for a, b in zip(norms[:-1], norms[1:], strict=True) if a is not None and b]
+
+    def amplification(self) -> float | None:
+        """End-to-end: gradient norm at the first gradient-carrying call's output over that at the last one's."""
+        run = self.carried_run()
+        if len(run) < 2:
+            return None
+        first, last = self.calls[run[0]].output_norm, self.calls[run[-1]].output_norm
+        return first / last if first is not None and last else None
+
+    def per_step(self) -> float | None:
+        """Geometric mean of the per-step amplification."""
+        total, steps = self.amplification(), len(self.carried_run()) - 1
+        return total ** (1 / steps) if total is not None and total > 0 and steps > 0 else None
+
+    def param_shares(self) -> list[float | None]:
+        """Each call's share of the gradient reaching the module's parameters (contribution norms, summing to 1)."""
+        norms = [c.param_norm or 0.0 for c in self.calls]
+        total = sum(norms)
+        return [n / total if total and c.carried else None for n, c in zip(norms, self.calls, strict=True)]
+
+
+@dataclass
+class Clamp:
+    """A clamp-like op on a backward's graph: elements outside its bounds get zero gradient."""
+
+    op: str
+    location: Location | None
+    expression: str
+    backward: int
+    lower: float | None
+    upper: float | None
+    """Bounds; a tensor bound is recorded as its smallest (lower) or largest (upper) element."""
+    elements: int
+    below: float
+    """Fraction of elements under the lower bound."""
+    above: float
+    """Fraction of elements over the upper bound."""
+    gate: bool = False
+    """A ReLU-style gate (relu, relu6): listed for reference; an inactive hinge is often a satisfied constraint."""
+
+    @property
+    def saturated(self) -> float:
+        return self.below + self.above
+
+
+@dataclass
+class Exp:
+    """An exp on a backward's graph: its gradient is its output, so large outputs mean huge gradients."""
+
+    op: str
+    location: Location | None
+    expression: str
+    backward: int
+    dtype: str
+    max_input: float
+    """Largest finite input element."""
+    max_output: float | None
+    """Largest finite output element (None when all outputs overflowed)."""
+    overflow: int
+    """Elements whose finite input gave an infinite output."""
+    elements: int
+
+
+@dataclass
+class NonFiniteOrigin:
+    """The first op, in program order, that turned finite inputs into a NaN or Inf (forward pass)."""
+
+    op: str
+    location: Location | None
+    expression: str
+    backward: int
+    kind: str
+    """nan | inf"""
+
+
+@dataclass
 class Window:
     iterations: int
     stopped_by: str
@@ -135,6 +256,10 @@ class Trace:
     backwards: list[Backward] = field(default_factory=list)
     events: list[GradEvent] = field(default_factory=list)
     regression_targets: list[RegressionTarget] = field(default_factory=list)
+    chains: list[Chain] = field(default_factory=list)
+    clamps: list[Clamp] = field(default_factory=list)
+    exps: list[Exp] = field(default_factory=list)
+    nonfinite_origins: list[NonFiniteOrigin] = field(default_factory=list)
     version: int = TRACE_VERSION
 
     def parameter(self, name: str) -> Parameter:

@@ -55,7 +55,7 @@ import copy
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import NamedTuple
 
 import gymnasium as gym
@@ -134,7 +134,7 @@ class Transition(NamedTuple):
     next_action: float
 
 
-class StepKind(str, Enum):
+class StepKind(StrEnum):
     """Who chose the played action."""
 
     CERTIFIED = "certified"

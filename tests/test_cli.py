@@ -2,7 +2,10 @@
 
 import json
 
+from gradaudit.report import REPORT_VERSION
 from gradaudit.rules import RULES
+from gradaudit.trace import TRACE_VERSION
+from tests.conftest import fixture_line
 
 
 def test_missing_script_is_exit_2(gradaudit_cli):
@@ -78,7 +81,7 @@ def test_corrupt_trace_is_exit_2(gradaudit_cli, tmp_path):
     bad.write_text("{not json")
     result = gradaudit_cli("report", str(bad))
     assert result.exit_code == 2 and "not a readable trace JSON file" in result.output
-    bad.write_text(json.dumps({"version": 1, "program": "x"}))
+    bad.write_text(json.dumps({"version": TRACE_VERSION, "program": "x"}))
     result = gradaudit_cli("report", str(bad))
     assert result.exit_code == 2 and "damaged gradaudit trace" in result.output
 
@@ -95,3 +98,27 @@ def test_program_exiting_with_an_error_before_backward_is_exit_2(gradaudit_cli):
     result = gradaudit_cli("run", "encoder_layout.py", "--", "--no-such-flag")
     assert result.exit_code == 2
     assert "the program exited with status 2 before any backward call" in result.output
+
+
+def test_report_shows_chains_and_term_matrix(gradaudit_cli):
+    result = gradaudit_cli("run", "flow_sampler.py")
+    assert result.report["version"] == REPORT_VERSION
+    (chain,) = result.report["chains"]
+    assert chain["module"] == "velocity_net" and chain["calls"] == chain["carried"] == 10
+    assert chain["location"] == {"file": "flow_sampler.py", "line": fixture_line("flow_sampler.py", "GA301-here")}
+    assert chain["min_amplification"] <= chain["amplification"] and chain["amplification"] > 100
+    assert len(chain["output_norms"]) == len(chain["param_shares"]) == 10 and 0 < chain["first_share"] < 1
+    (entry,) = result.report["matrix"]
+    assert entry["groups"] == ["velocity_net"] and [row["term"] for row in entry["rows"]] == ["q_loss"]
+    assert "chains: gradient growth" in result.output and "term × group gradient norms" in result.output
+
+
+def test_report_shows_clamps_and_exps(gradaudit_cli):
+    result = gradaudit_cli("run", "ppo_clamp.py", "--", "--big-move")
+    guard = next(
+        c for c in result.report["clamps"] if c["location"]["line"] == fixture_line("ppo_clamp.py", "GA303-here")
+    )
+    assert (guard["op"], guard["lower"], guard["upper"]) == ("clamp", -20, 20) and guard["saturated"] > 0.5
+    exp = next(e for e in result.report["exps"] if e["location"]["line"] == fixture_line("ppo_clamp.py", "GA304-here"))
+    assert exp["op"] == "exp" and exp["max_input"] == 20 and exp["dtype"] == "float32"
+    assert "clamps and exp" in result.output

@@ -9,7 +9,7 @@ import torch
 
 from gradaudit.capture.recorder import Recorder, StopAudit
 from gradaudit.findings import Finding
-from gradaudit.rules import run_rules
+from gradaudit.rules import options_by_rule, run_rules
 from gradaudit.trace import Trace
 
 __all__ = ["Audit", "StopAudit"]
@@ -34,6 +34,7 @@ class Audit:
     ) -> None:
         self.program = program
         self.select, self.ignore, self.options = select, ignore, options or {}
+        options_by_rule(self.options)  # a misspelt threshold fails here, before the program runs
         self.recorder = Recorder(iterations=iterations, term_grads=term_grads, window_cap=window_cap)
         self.trace: Trace | None = None
         self.findings: list[Finding] = []

@@ -33,6 +33,9 @@ class GraphView:
     """id(parameter) -> (its AccumulateGrad node, the parameter)."""
     param_ids: list[int] = field(default_factory=list)
 
+    def holds(self, node: Any) -> bool:
+        return self.nodes.get(id(node)) is node
+
     def params_reached(self, node: Any) -> list[int]:
         mask = self.reach.get(id(node), 0)
         return [pid for bit, pid in enumerate(self.param_ids) if mask >> bit & 1]

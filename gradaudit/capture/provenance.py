@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,16 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from gradaudit.capture.source import call_argument_text, expression_of, location_of, user_frame
+from gradaudit.capture.numerics import (
+    GATES,
+    MEASURED,
+    NONFINITE_SOURCES,
+    ClampStats,
+    ExpStats,
+    measure,
+    nonfinite_birth,
+)
+from gradaudit.capture.source import call_argument_text, called_by_user, expression_of, location_of, user_frame
 from gradaudit.trace import Break, Location
 
 _DETACHING = {torch.Tensor.detach, torch.detach, torch.Tensor.detach_}
@@ -32,6 +42,7 @@ _CAUSE_PRIORITY = ("detach", "no_grad", "item", "from_data", "unknown")
 _MULTIPLY = {"mul", "__mul__", "__rmul__", "multiply", "mul_", "__imul__"}
 _DIVIDE = {"div", "__truediv__", "true_divide", "divide", "div_", "__itruediv__"}
 _MAX_RECORDS = 200_000
+_MAX_PENDING = 20_000
 
 
 @dataclass
@@ -55,6 +66,33 @@ class RegressionCall:
     target_node: Any
 
 
+@dataclass
+class Measured:
+    """A clamp or exp on a graph, with its input statistics; claimed by the backward whose graph holds `node`."""
+
+    node: Any
+    record: OpRecord
+    stats: ClampStats | ExpStats
+    clock: int
+
+
+@dataclass
+class NonFiniteCandidate:
+    """An op that may have turned finite inputs into NaN/Inf; its flags are read only when a loss is non-finite."""
+
+    born: torch.Tensor
+    has_nan: torch.Tensor
+    node: Any
+    """The output's graph node; None for an op without history (its NaN can still reach a loss as data)."""
+    record: OpRecord
+    clock: int
+    backwards_before: int
+
+
+Lineage = dict[int, tuple[int, int]]
+"""id(module) -> (how many calls of that module fed this tensor, the index of the latest one)."""
+
+
 def op_name(func: Callable) -> str:
     return getattr(func, "__name__", str(func))
 
@@ -75,8 +113,25 @@ class ProvenanceMode(TorchFunctionMode):
         self.named_constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.python_values: dict[float, Break] = {}
         self.regression_calls: list[RegressionCall] = []
+        self.lineage: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.measured: deque[Measured] = deque(maxlen=_MAX_PENDING)
+        self.nonfinite: deque[NonFiniteCandidate] = deque(maxlen=_MAX_PENDING)
+        self.backwards_seen = 0
+        self.clock = 0
+        """Ops observed so far: pending records older than the previous iteration are dropped by it."""
+        self.last_sequence_nr = -1
+        """Largest autograd sequence number seen: nodes a module call creates have larger ones."""
         self.paused = False
         self.errors = 0
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """gradaudit's own torch calls are not the program's: keep them out of provenance."""
+        previous, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = previous
 
     def record_for(self, node: Any) -> OpRecord | None:
         entry = self.records.get(id(node))
@@ -87,15 +142,23 @@ class ProvenanceMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = op_name(func)
+        stats = None
+        if not self.paused and name in MEASURED and torch.is_grad_enabled() and (name not in GATES or called_by_user()):
+            try:
+                stats = measure(name, args, kwargs)
+            except Exception:  # noqa: BLE001 - observing must never break the user's program
+                self.errors += 1
         result = func(*args, **kwargs)
         if not self.paused:
             try:
-                self._observe(func, args, kwargs, result)
-            except Exception:  # noqa: BLE001 - observing must never break the user's program
+                self._observe(func, name, args, kwargs, result, stats)
+            except Exception:  # noqa: BLE001
                 self.errors += 1
         return result
 
-    def _observe(self, func, args, kwargs, result) -> None:
+    def _observe(self, func, name, args, kwargs, result, stats) -> None:
+        self.clock += 1
         if func in _TO_PYTHON:
             self._observe_python_value(args[0], result)
             return
@@ -106,18 +169,60 @@ class ProvenanceMode(TorchFunctionMode):
         )
         if not outputs:
             return
+        inputs = list(_tensors([*args, *kwargs.values()]))
+        if self.lineage:
+            self._inherit_lineage(inputs, outputs)
         tracked = [o for o in outputs if o.requires_grad and o.grad_fn is not None]
+        record = None
         if tracked:
-            self._record_graph_op(func, args, kwargs, tracked)
+            record = self._record_graph_op(func, args, kwargs, tracked)
+            if stats is not None:
+                self.measured.append(Measured(tracked[0].grad_fn, record, stats, self.clock))
         elif all(not o.requires_grad for o in outputs):
             origin = self._constant_origin(func, args, kwargs)
             if origin is not None:
                 for output in outputs:
                     self.constants[output] = origin
+        if name in NONFINITE_SOURCES:
+            born, has_nan = nonfinite_birth(inputs, outputs)
+            if record is None:
+                frame = user_frame()
+                record = OpRecord(name, location_of(frame), expression_of(frame))
+            node = tracked[0].grad_fn if tracked else None
+            self.nonfinite.append(NonFiniteCandidate(born, has_nan, node, record, self.clock, self.backwards_seen))
 
-    def _record_graph_op(self, func, args, kwargs, outputs) -> None:
+    def lineage_of(self, tensors: list[torch.Tensor]) -> Lineage:
+        """The module calls that fed these tensors, merged: for each module its longest feeding chain."""
+        merged: Lineage | None = None
+        for tensor in tensors:
+            found = self.lineage.get(tensor)
+            if found is None or found is merged:
+                continue
+            if merged is None:
+                merged = found
+                continue
+            merged = dict(merged)
+            for module, entry in found.items():
+                if module not in merged or merged[module][0] < entry[0]:
+                    merged[module] = entry
+        return merged or {}
+
+    def _inherit_lineage(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        inherited = self.lineage_of(inputs)
+        if inherited:
+            for output in outputs:
+                self.lineage[output] = inherited
+
+    def forget_before(self, clock: int) -> None:
+        """Drops pending records made before `clock` (the previous iteration): their graphs are gone."""
+        for pending in (self.measured, self.nonfinite):
+            while pending and pending[0].clock < clock:
+                pending.popleft()
+
+    def _record_graph_op(self, func, args, kwargs, outputs) -> OpRecord:
         frame = user_frame()
         record = OpRecord(op_name(func), location_of(frame), expression_of(frame))
+        self.last_sequence_nr = max(self.last_sequence_nr, outputs[-1].grad_fn._sequence_nr())
         for index, arg in enumerate(args):
             if isinstance(arg, torch.Tensor) and not arg.requires_grad:
                 record.constant_args[index] = self.constants.get(arg) or Break("unknown", "", None)
@@ -137,6 +242,7 @@ class ProvenanceMode(TorchFunctionMode):
             if isinstance(target, torch.Tensor) and target.grad_fn is not None:
                 text = call_argument_text(record.expression, 1, "target")
                 self.regression_calls.append(RegressionCall(record.op, record.location, text, target.grad_fn))
+        return record
 
     @staticmethod
     def _factor(op: str, index: int, value: float) -> float | None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 import gc
 import math
+import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -23,14 +23,28 @@ from torch import nn
 from torch.autograd.graph import GradientEdge
 from torch.utils.weak import WeakIdKeyDictionary
 
+from gradaudit.capture.chains import ChainTracker
 from gradaudit.capture.graph import GraphView, RawTerm, decompose, walk
-from gradaudit.capture.provenance import ProvenanceMode
-from gradaudit.capture.source import assigned_name, expression_of, here, location_of, name_in_frame, user_frame
+from gradaudit.capture.numerics import ClampStats
+from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode
+from gradaudit.capture.source import (
+    assigned_name,
+    call_argument_text,
+    expression_of,
+    here,
+    location_of,
+    name_in_frame,
+    user_frame,
+)
 from gradaudit.trace import (
     Backward,
     Break,
+    Chain,
+    Clamp,
+    Exp,
     GradEvent,
     Location,
+    NonFiniteOrigin,
     Optimizer,
     Parameter,
     RegressionTarget,
@@ -136,9 +150,12 @@ def _modules_in_scope(frame: FrameType | None) -> dict[int, tuple[str, str]]:
 
 
 def _root_name(frame: FrameType | None) -> str:
+    """`loss` for `loss.backward()`, `torch.autograd.grad(loss, ...)` and `torch.autograd.backward(loss)`."""
     text = expression_of(frame)
     match = re.match(r"^(.*)\.backward\(.*\)$", text)
-    return match.group(1) if match else (text or "loss")
+    if match and not match.group(1).endswith("autograd"):
+        return match.group(1)
+    return call_argument_text(text, 0, "outputs") or call_argument_text(text, 0, "tensors") or text or "loss"
 
 
 class Recorder:
@@ -157,6 +174,10 @@ class Recorder:
         self.events: list[_Event] = []
         self.backwards: list[_BackwardRecord] = []
         self.regression_targets: list[tuple[Any, list[int]]] = []
+        self.chain_tracker = ChainTracker(self.mode)
+        self.measured: list[tuple[Measured, int]] = []
+        self.nonfinite_origins: list[tuple[NonFiniteCandidate, int]] = []
+        self._clock_at_last_step = 0
         self.primary: int | None = None
         self.iterations = 0
         self.stopped_by = "context-exit"
@@ -194,15 +215,6 @@ class Recorder:
         original = owner.__dict__[attribute]
         setattr(owner, attribute, replacement)
         self._undo.append(lambda: setattr(owner, attribute, original))
-
-    @contextmanager
-    def _paused(self) -> Iterator[None]:
-        """Our own torch calls are not the program's: keep them out of provenance."""
-        previous, self.mode.paused = self.mode.paused, True
-        try:
-            yield
-        finally:
-            self.mode.paused = previous
 
     # ---------------------------------------------------------------- naming
 
@@ -266,11 +278,14 @@ class Recorder:
 
     # ---------------------------------------------------------------- modules
 
-    @_guarded
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         self._depth += 1
-        if self._depth != 1:
-            return
+        self.chain_tracker.enter(module)
+        if self._depth == 1:
+            self._note_module_inputs(module, args)
+
+    @_guarded
+    def _note_module_inputs(self, module: nn.Module, args: tuple) -> None:
         group = self._module_group(module, user_frame())
         if group is None or not torch.is_grad_enabled():
             return
@@ -280,6 +295,11 @@ class Recorder:
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth -= 1
+        self._leave_module(args, output)
+
+    @_guarded
+    def _leave_module(self, args: tuple, output: Any) -> None:
+        self.chain_tracker.leave(args, output)
 
     # ---------------------------------------------------------------- optimizers
 
@@ -400,6 +420,9 @@ class Recorder:
             self.primary = record.index
         if record.index == self.primary:
             self.iterations += 1
+            self.mode.forget_before(self._clock_at_last_step)
+            self.chain_tracker.forget_before(self._clock_at_last_step)
+            self._clock_at_last_step = self.mode.clock
 
     # ---------------------------------------------------------------- gradient state
 
@@ -410,7 +433,7 @@ class Recorder:
 
     def _checkpoint(self, location: Location | None) -> None:
         """Detects, by their effect, wipes and updates made outside optimizers (Module.zero_grad, p.grad = None, manual SGD)."""
-        with self._paused():
+        with self.mode.quiet():
             for param in self.params.values():
                 if not param.pending:
                     continue
@@ -441,13 +464,13 @@ class Recorder:
                 return original(tensors, *args, **kwargs)
             recorder._in_backward = True
             try:
-                hooks = recorder._before_backward(tensors, accumulates) or ([], [])
+                hooks, contributions, record_chains = recorder._before_backward(tensors, accumulates) or ([], [], None)
                 try:
                     result = original(tensors, *args, **kwargs)
                 finally:
-                    for handle in hooks[0]:
+                    for handle in hooks:
                         handle.remove()
-                    recorder._after_backward(hooks[1])
+                    recorder._after_backward(contributions, record_chains)
             finally:
                 recorder._in_backward = False
             if recorder.note_backward_without_step():
@@ -457,11 +480,11 @@ class Recorder:
         return backward
 
     @_guarded
-    def _before_backward(self, tensors: Any, accumulates: bool) -> tuple[list, list]:
+    def _before_backward(self, tensors: Any, accumulates: bool) -> tuple[list, list, Any]:
         frame = user_frame()
         location = location_of(frame)
         roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        with self._paused():
+        with self.mode.quiet():
             self._checkpoint(location)
             nodes = [r.grad_fn for r in roots if isinstance(r, torch.Tensor)]
             view = walk(nodes, self._is_parameter)
@@ -479,25 +502,29 @@ class Recorder:
                 _BackwardRecord(index, location, accumulates, finite, terms, list(view.param_ids), self._upstream(view))
             )
             self._note_regression_targets(view)
+            self._note_numerics(view, index, finite)
+            handles, record_chains = self.chain_tracker.prepare(view, index)
+            self.mode.backwards_seen += 1
         if not accumulates:
-            return [], []
+            return handles, [], record_chains
         contributions: list[tuple[_Param, list]] = []
-        handles = []
         for pid in view.param_ids:
             node, tensor = view.leaves[pid]
             seen: list = []
             contributions.append((self._param(tensor), seen))
             handles.append(node.register_prehook(functools.partial(self._on_contribution, seen)))
-        return handles, [(index, param, seen) for param, seen in contributions]
+        return handles, [(index, param, seen) for param, seen in contributions], record_chains
 
     def _on_contribution(self, seen: list, grad_outputs: tuple) -> None:
         grad = grad_outputs[0]
         if grad is not None:
-            with torch.no_grad():
+            with self.mode.quiet(), torch.no_grad():
                 seen.append((float(grad.double().norm()), bool(torch.isfinite(grad).all())))
 
     @_guarded
-    def _after_backward(self, contributions: list) -> None:
+    def _after_backward(self, contributions: list, record_chains: Callable[[], None] | None) -> None:
+        if record_chains is not None:
+            record_chains()
         location = self.backwards[-1].location if self.backwards else None
         for index, param, seen in contributions:
             if not seen:
@@ -549,15 +576,27 @@ class Recorder:
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
         upstream: dict[str, set[int]] = {}
         for group, node in self.module_inputs:
-            if id(node) in view.nodes and view.nodes[id(node)] is node:
+            if view.holds(node):
                 upstream.setdefault(group, set()).update(view.params_reached(node))
         return {group: sorted(pids) for group, pids in upstream.items()}
+
+    def _note_numerics(self, view: GraphView, backward: int, loss_finite: bool) -> None:
+        """Claims the clamps and exps on this graph; for a non-finite loss, finds the op where NaN/Inf was born."""
+        self.measured += [(m, backward) for m in self.mode.measured if view.holds(m.node)]
+        if loss_finite:
+            return
+        for candidate in self.mode.nonfinite:
+            on_graph = view.holds(candidate.node) if candidate.node is not None else None
+            recent = candidate.backwards_before == self.mode.backwards_seen
+            if (on_graph or (on_graph is None and recent)) and bool(candidate.born):
+                self.nonfinite_origins.append((candidate, backward))
+                return
 
     def _note_regression_targets(self, view: GraphView) -> None:
         remaining = []
         for call in self.mode.regression_calls:
             node = call.target_node
-            if id(node) in view.nodes and view.nodes[id(node)] is node:
+            if view.holds(node):
                 reached = view.params_reached(node)
                 if reached:
                     self.regression_targets.append((call, reached))
@@ -643,7 +682,57 @@ class Recorder:
                 RegressionTarget(call.op, call.location, call.target_expression, group_list(pids))
                 for call, pids in self.regression_targets
             ],
+            chains=[
+                Chain(self._module_label(c.module, names), c.backward, c.location, c.calls)
+                for c in self.chain_tracker.chains
+            ],
+            clamps=[
+                Clamp(
+                    m.record.op,
+                    m.record.location,
+                    m.record.expression,
+                    backward,
+                    m.stats.lower,
+                    m.stats.upper,
+                    m.stats.elements,
+                    m.stats.below,
+                    m.stats.above,
+                    m.stats.gate,
+                )
+                for m, backward in self.measured
+                if isinstance(m.stats, ClampStats)
+            ],
+            exps=[
+                Exp(
+                    m.record.op,
+                    m.record.location,
+                    m.record.expression,
+                    backward,
+                    m.stats.dtype,
+                    m.stats.max_input,
+                    m.stats.max_output,
+                    m.stats.overflow,
+                    m.stats.elements,
+                )
+                for m, backward in self.measured
+                if not isinstance(m.stats, ClampStats)
+            ],
+            nonfinite_origins=[
+                NonFiniteOrigin(
+                    c.record.op, c.record.location, c.record.expression, backward, "nan" if bool(c.has_nan) else "inf"
+                )
+                for c, backward in self.nonfinite_origins
+            ],
         )
+
+    def _module_label(self, module: nn.Module, names: dict[int, str]) -> str:
+        """Its group when it was called at top level, else the dotted prefix its parameters' names share."""
+        known = self.module_groups.get(id(module))
+        if known is not None and known[0] is module and known[1] is not None:
+            return known[1]
+        paths = [names[id(p)].split(".")[:-1] for p in module.parameters() if id(p) in names]
+        prefix = os.path.commonprefix(paths) if paths else []
+        return ".".join(prefix) or re.sub(r"(?<!^)(?=[A-Z])", "_", type(module).__name__).lower()
 
     def _final_names(self) -> dict[int, str]:
         names: dict[int, str] = {}

@@ -30,6 +30,24 @@ def user_frame(start: FrameType | None = None) -> FrameType | None:
     return frame
 
 
+_OVERRIDES_FILE = os.path.abspath(torch.overrides.__file__)
+
+
+def called_by_user() -> bool:
+    """Whether the torch function being dispatched now was called from user code, not from torch itself
+    (`F.relu(x)` in a training script, not `nn.ReLU.forward`)."""
+    frame = sys._getframe(1)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_GRADAUDIT_DIR + os.sep)
+        or os.path.abspath(frame.f_code.co_filename) == _OVERRIDES_FILE
+    ):
+        frame = frame.f_back
+    if frame is None or not _is_library_file(frame.f_code.co_filename):
+        return frame is not None
+    caller = frame.f_back  # a Python-level torch function (F.relu) that dispatched to the mode: who called it?
+    return caller is not None and not _is_library_file(caller.f_code.co_filename)
+
+
 def location_of(frame: FrameType | None) -> Location | None:
     if frame is None:
         return None

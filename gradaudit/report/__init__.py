@@ -1,26 +1,128 @@
 """The report: one JSON-able schema that every output format renders (`render(report, stream)`).
 
-Schema (version 1):
+Schema (version 2):
 - `findings`: list of {rule, name, severity, message, subject, location {file, line} | null, hint}
-- `groups`: list of {group, tensors, grad_norm, optimizers, reached_by}; grad_norm is the norm of the last
-  gradient each tensor received in the window (null when it received none)
+- `groups`: list of {group, tensors, trainable, grad_norm, optimizers, reached_by}; grad_norm is the norm of the
+  last gradient each tensor received in the window (null when it received none)
 - `terms`: list of {name, location, constant, groups_reached, grad_norms, coefficient}, one per distinct term
+- `chains`: one per (module, location) of a repeatedly applied module, over the backward passes: {module,
+  location, backwards (passes it was seen in), calls, carried (gradient-carrying calls in the longest linked run),
+  amplification (end-to-end gradient growth from the last carried call back to the first; the largest over the
+  passes), min_amplification (the smallest), per_step, first_share (the first carried call's share of the
+  module's parameter gradient), output_norms, param_shares}; the last five are those of the pass with the largest
+  amplification, the two lists per call (null: a call without gradient)
+- `matrix`: one per backward location, from the last pass there: {backward (location), groups, rows: list of
+  {term, location, norms {group: gradient norm of the term alone}}}; a term is absent from a group's norms
+  when it does not reach it
+- `clamps`: one per (op, location), the pass with the largest saturated fraction: {op, expression, location,
+  backwards, lower, upper, elements, saturated, below, above, gate}; fractions in [0, 1]
+- `exps`: one per (op, location), maxima over the passes: {op, expression, location, backwards, dtype, max_input,
+  max_output, overflow}
 - `iterations`, `window` {iterations, stopped_by, note}, `program`, `optimizers`
+
+Non-finite numbers are written as the strings "inf", "-inf" and "nan", so the JSON stays strictly valid.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, TypeVar
 
 from gradaudit.findings import Finding
-from gradaudit.trace import Location, Trace
+from gradaudit.trace import Backward, Chain, Clamp, Exp, Location, Trace
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+
+Item = TypeVar("Item")
 
 
 def _location(location: Location | None) -> dict | None:
     return None if location is None else {"file": location.file, "line": location.line}
+
+
+def _by_site(items: Iterable[Item], site: Callable[[Item], Hashable]) -> list[list[Item]]:
+    """The items grouped by call site (across backward passes), in order of first appearance."""
+    grouped: dict[Hashable, list[Item]] = {}
+    for item in items:
+        grouped.setdefault(site(item), []).append(item)
+    return list(grouped.values())
+
+
+def _chain_row(chains: list[Chain]) -> dict[str, Any]:
+    amplifications = [a for a in (chain.amplification() for chain in chains) if a is not None]
+    kept = max(chains, key=lambda chain: chain.amplification() or 0.0)
+    run = kept.carried_run()
+    shares = kept.param_shares()
+    return {
+        "module": kept.module,
+        "location": _location(kept.location),
+        "backwards": len({chain.backward for chain in chains}),
+        "calls": len(kept.calls),
+        "carried": len(run),
+        "amplification": kept.amplification(),
+        "min_amplification": min(amplifications, default=None),
+        "per_step": kept.per_step(),
+        "first_share": shares[run[0]] if run else None,
+        "output_norms": [call.output_norm for call in kept.calls],
+        "param_shares": shares,
+    }
+
+
+def _matrix_entry(backward: Backward) -> dict[str, Any]:
+    groups, norms = backward.term_matrix()
+    return {
+        "backward": _location(backward.location),
+        "groups": groups,
+        "rows": [
+            {"term": term.name, "location": _location(term.location), "norms": norms[term.name]}
+            for term in backward.terms
+            if term.name in norms
+        ],
+    }
+
+
+def _clamp_row(clamps: list[Clamp]) -> dict[str, Any]:
+    worst = max(clamps, key=lambda clamp: clamp.saturated)
+    return {
+        "op": worst.op,
+        "expression": worst.expression,
+        "location": _location(worst.location),
+        "backwards": len({clamp.backward for clamp in clamps}),
+        "lower": worst.lower,
+        "upper": worst.upper,
+        "elements": worst.elements,
+        "saturated": worst.saturated,
+        "below": worst.below,
+        "above": worst.above,
+        "gate": worst.gate,
+    }
+
+
+def _exp_row(exps: list[Exp]) -> dict[str, Any]:
+    largest = max(exps, key=lambda exp: exp.max_input)
+    outputs = [exp.max_output for exp in exps if exp.max_output is not None]
+    return {
+        "op": largest.op,
+        "expression": largest.expression,
+        "location": _location(largest.location),
+        "backwards": len({exp.backward for exp in exps}),
+        "dtype": largest.dtype,
+        "max_input": largest.max_input,
+        "max_output": max(outputs, default=None),
+        "overflow": max(exp.overflow for exp in exps),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as "inf" / "-inf" / "nan": strict JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
@@ -30,7 +132,9 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
             last_norm[event.param] = event.norm
     terms: dict[tuple, dict] = {}
     reached_by: dict[str, set[str]] = {}
+    last_backward_at: dict[Location | None, Backward] = {}
     for backward in trace.backwards:
+        last_backward_at[backward.location] = backward
         for term in backward.terms:
             terms[(term.name, term.location)] = {
                 "name": term.name,
@@ -56,7 +160,7 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
                 "reached_by": sorted(reached_by.get(group, ())),
             }
         )
-    return {
+    report = {
         "schema": "gradaudit-report",
         "version": REPORT_VERSION,
         "program": trace.program,
@@ -73,4 +177,9 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
         "findings": [f.to_dict() for f in findings],
         "groups": groups,
         "terms": list(terms.values()),
+        "chains": [_chain_row(chains) for chains in _by_site(trace.chains, lambda c: (c.module, c.location))],
+        "matrix": [_matrix_entry(backward) for backward in last_backward_at.values()],
+        "clamps": [_clamp_row(clamps) for clamps in _by_site(trace.clamps, lambda c: (c.op, c.location))],
+        "exps": [_exp_row(exps) for exps in _by_site(trace.exps, lambda e: (e.op, e.location))],
     }
+    return _json_safe(report)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from gradaudit.findings import Finding, Rule
+from gradaudit.findings import ConfigError, Finding, Rule
 from gradaudit.rules import (
     ga101_dead_term,
     ga102_zero_grad_term,
@@ -14,7 +14,12 @@ from gradaudit.rules import (
     ga204_multi_optimizer_param,
     ga205_stale_grad,
     ga206_target_grad,
+    ga301_exploding_chain,
+    ga302_vanishing_chain,
+    ga303_saturated_clamp,
+    ga304_exp_overflow,
     ga305_nonfinite_grad,
+    ga306_term_dominance,
 )
 from gradaudit.trace import Trace
 
@@ -27,7 +32,12 @@ RULES: tuple[Rule, ...] = (
     ga204_multi_optimizer_param.RULE,
     ga205_stale_grad.RULE,
     ga206_target_grad.RULE,
+    ga301_exploding_chain.RULE,
+    ga302_vanishing_chain.RULE,
+    ga303_saturated_clamp.RULE,
+    ga304_exp_overflow.RULE,
     ga305_nonfinite_grad.RULE,
+    ga306_term_dominance.RULE,
 )
 
 
@@ -41,15 +51,31 @@ def _matches(rule: Rule, patterns: Collection[str]) -> bool:
     return any(rule.code.startswith(p.upper()) or rule.name == p.lower() for p in patterns)
 
 
+def options_by_rule(options: Mapping[str, object]) -> dict[str, dict[str, float]]:
+    """Each rule's options, `{"GA301.max_amplification": 50}` merged over its defaults; checks rule, name and value."""
+    overrides: dict[str, dict[str, object]] = {}
+    for key, value in options.items():
+        code, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"rule option {key!r} is not CODE.name (e.g. GA301.max_amplification)")
+        rule = rule_by_code(code)
+        if rule is None:
+            raise ConfigError(f"rule option {key!r} names no rule {code!r}; `gradaudit rules` lists them")
+        overrides.setdefault(rule.code, {})[name] = value
+    return {rule.code: rule.resolve_options(overrides.get(rule.code)) for rule in RULES}
+
+
 def run_rules(
     trace: Trace,
     select: Collection[str] = (),
     ignore: Collection[str] = (),
     options: Mapping[str, float] | None = None,
 ) -> list[Finding]:
+    """Runs the selected rules; `options` are thresholds qualified by rule code (`GA301.max_amplification`)."""
+    own_options = options_by_rule(options or {})
     findings: list[Finding] = []
     for rule in RULES:
         if (select and not _matches(rule, select)) or (ignore and _matches(rule, ignore)):
             continue
-        findings.extend(rule.run(trace, options))
+        findings.extend(rule.check(trace, own_options[rule.code]))
     return sorted(findings, key=lambda f: (-f.severity, f.rule, f.subject))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import gradaudit
+from gradaudit.capture import Audit
 from reference_agents.common.risky_choice import exact_return_distribution, return_atoms
 from reference_agents.distributional_ppo import (
     Batch,
@@ -378,3 +381,59 @@ def test_cli_runs_a_few_iterations_with_every_option(capsys):
     main(["--steps", "2", "--quiet", "--log-ratio-clamp", "10", "--target-kl", "0.01", "--bc-coef", "0.1"])
     out = capsys.readouterr().out
     assert out.count("risky_steps_per_episode") == 2 and "bc_ppo_grad_ratio" in out
+
+
+def audited_update(log_ratio_clamp: float, old_log_prob_shift: float = 0.0) -> Audit:
+    """One full PPO update (4 epochs) under gradaudit; `old_log_prob_shift` fakes a large policy move on half the
+    samples (their stored log pi_old sits that far below log pi_new)."""
+    agent, batch = agent_and_batch("fixed", log_ratio_clamp=log_ratio_clamp, update_epochs=4, num_minibatches=4)
+    if old_log_prob_shift:
+        moved = torch.arange(len(batch)) % 2 == 0
+        batch.steps["log_probs"] = batch.steps["log_probs"] - old_log_prob_shift * moved
+    with gradaudit.audit(select=["GA303", "GA304"]) as audit:
+        agent.update(batch)
+    return audit
+
+
+def log_ratio_numerics(audit: Audit) -> tuple[float, float, int, float]:
+    """(fraction at the log-ratio clamp's bounds over all minibatches, largest exp input, overflowed elements,
+    largest ratio)."""
+    clamps = [c for c in audit.trace.clamps if "log_ratio_clamp" in c.expression]
+    exps = [e for e in audit.trace.exps if e.expression == "log_ratio.exp()"]
+    assert clamps and exps and len(clamps) == len(exps)
+    largest = max(e.max_input for e in exps)
+    saturated = sum(c.saturated * c.elements for c in clamps) / sum(c.elements for c in clamps)
+    return saturated, largest, sum(e.overflow for e in exps), math.exp(largest)
+
+
+def test_log_ratio_clamp_20_vs_10_as_measured_on_the_agent():
+    """Seed 001 proposes +-10 instead of +-20 against overflow. Measured: in this agent's own updates |log r| stays
+    far below 10, so both clamps are inert and identical; only after a large move do they differ, and then +-10
+    silences the moved samples while +-20 passes ratios of ~3e6 without overflowing float32."""
+    for clamp in (20.0, 10.0):
+        audit = audited_update(clamp)
+        assert audit.findings == []
+        saturated, largest, overflow, ratio = log_ratio_numerics(audit)
+        print(
+            f"\nclamp +-{clamp:g}, normal update: {saturated:.0%} at bounds, largest log r {largest:.3g}, ratio {ratio:.3g}"
+        )
+        assert saturated == 0 and largest < 10 and overflow == 0
+    assert log_ratio_numerics(audited_update(20.0))[1] == log_ratio_numerics(audited_update(10.0))[1]
+
+    moved20, moved10 = audited_update(20.0, old_log_prob_shift=15.0), audited_update(10.0, old_log_prob_shift=15.0)
+    saturated20, largest20, overflow20, ratio20 = log_ratio_numerics(moved20)
+    saturated10, largest10, overflow10, ratio10 = log_ratio_numerics(moved10)
+    print("findings:", [(f.rule, f.subject) for f in moved20.findings], [(f.rule, f.subject) for f in moved10.findings])
+    flagged20 = {(f.rule, f.subject) for f in moved20.findings}
+    flagged10 = {(f.rule, f.subject) for f in moved10.findings}
+    log_ratio_clamp = ("GA303", "safe_log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)")
+    assert ("GA304", "log_ratio.exp()") in flagged20 & flagged10  # exp inputs of 10 and 15 both exceed log 1e4
+    assert log_ratio_clamp in flagged10 and log_ratio_clamp not in flagged20
+    print(
+        f"after a move of 15 nats: +-20 -> {saturated20:.0%} at bounds, largest ratio {ratio20:.3g}, overflow {overflow20}"
+    )
+    print(
+        f"after a move of 15 nats: +-10 -> {saturated10:.0%} at bounds, largest ratio {ratio10:.3g}, overflow {overflow10}"
+    )
+    assert saturated20 == 0 and 14 < largest20 < 20 and overflow20 == 0
+    assert saturated10 == pytest.approx(0.5, abs=0.05) and largest10 == 10.0 and overflow10 == 0

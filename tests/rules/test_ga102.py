@@ -13,4 +13,5 @@ def test_zero_entropy_coefficient_is_info(gradaudit_cli):
 
 def test_nonzero_entropy_coefficient_is_clean(gradaudit_cli):
     result = gradaudit_cli("run", "entropy_bonus.py")
-    assert result.findings() == []
+    assert result.findings("GA102") == []
+    assert result.at_least_warning() == []  # GA306 informs: a near-uniform policy's entropy gradient is tiny
