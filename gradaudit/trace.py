@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
@@ -305,6 +306,14 @@ class Trace:
 
 
 T = TypeVar("T")
+
+
+def by_site(items: Iterable[T], site: Callable[[T], Hashable]) -> list[list[T]]:
+    """The items grouped by call site (across backward passes), in order of first appearance."""
+    grouped: dict[Hashable, list[T]] = {}
+    for item in items:
+        grouped.setdefault(site(item), []).append(item)
+    return list(grouped.values())
 
 
 def _build(kind: Any, raw: Any) -> Any:

@@ -26,27 +26,16 @@ Non-finite numbers are written as the strings "inf", "-inf" and "nan", so the JS
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 from gradaudit.findings import Finding
-from gradaudit.trace import Backward, Chain, Clamp, Exp, Location, Trace
+from gradaudit.trace import Backward, Chain, Clamp, Exp, Location, Trace, by_site
 
 REPORT_VERSION = 2
-
-Item = TypeVar("Item")
 
 
 def _location(location: Location | None) -> dict | None:
     return None if location is None else {"file": location.file, "line": location.line}
-
-
-def _by_site(items: Iterable[Item], site: Callable[[Item], Hashable]) -> list[list[Item]]:
-    """The items grouped by call site (across backward passes), in order of first appearance."""
-    grouped: dict[Hashable, list[Item]] = {}
-    for item in items:
-        grouped.setdefault(site(item), []).append(item)
-    return list(grouped.values())
 
 
 def _chain_row(chains: list[Chain]) -> dict[str, Any]:
@@ -177,9 +166,9 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
         "findings": [f.to_dict() for f in findings],
         "groups": groups,
         "terms": list(terms.values()),
-        "chains": [_chain_row(chains) for chains in _by_site(trace.chains, lambda c: (c.module, c.location))],
+        "chains": [_chain_row(chains) for chains in by_site(trace.chains, lambda c: (c.module, c.location))],
         "matrix": [_matrix_entry(backward) for backward in last_backward_at.values()],
-        "clamps": [_clamp_row(clamps) for clamps in _by_site(trace.clamps, lambda c: (c.op, c.location))],
-        "exps": [_exp_row(exps) for exps in _by_site(trace.exps, lambda e: (e.op, e.location))],
+        "clamps": [_clamp_row(clamps) for clamps in by_site(trace.clamps, lambda c: (c.op, c.location))],
+        "exps": [_exp_row(exps) for exps in by_site(trace.exps, lambda e: (e.op, e.location))],
     }
     return _json_safe(report)

@@ -3,37 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gradaudit.rules.flow import backward_text
-from gradaudit.trace import Chain, Location, Trace
+from gradaudit.rules.sites import Site, worst_per_site
+from gradaudit.trace import Chain, Trace
 
 
-@dataclass
-class ChainVerdict:
-    """The worst chain of one (module, call site) over the window, and how often the site crossed a threshold."""
-
-    worst: Chain
-    crossed: int
-    """Backward passes in which this site's chain crossed."""
-    seen: int
-    """Backward passes in which this site's chain was recorded."""
-
-
-def crossing_chains(
-    trace: Trace, crosses: Callable[[Chain], bool], badness: Callable[[Chain], float]
-) -> list[ChainVerdict]:
-    """Groups the chains by (module, location) across backward passes; keeps the sites where any crossed."""
-    sites: dict[tuple[str, Location | None], list[Chain]] = {}
-    for chain in trace.chains:
-        sites.setdefault((chain.module, chain.location), []).append(chain)
-    verdicts = []
-    for chains in sites.values():
-        crossing = [chain for chain in chains if crosses(chain)]
-        if crossing:
-            worst = max(crossing, key=badness)
-            verdicts.append(ChainVerdict(worst, len({c.backward for c in crossing}), len({c.backward for c in chains})))
-    return verdicts
+def worst_chains(trace: Trace, crosses: Callable[[Chain], bool], badness: Callable[[Chain], float]) -> list[Site]:
+    """One verdict per (module, call site): the worst chain among the passes that crossed."""
+    return worst_per_site(trace.chains, lambda chain: (chain.module, chain.location), crosses, badness)
 
 
 def long_enough(chain: Chain, min_calls: float) -> bool:
@@ -41,7 +19,7 @@ def long_enough(chain: Chain, min_calls: float) -> bool:
     return len(chain.carried_run()) >= min_calls
 
 
-def describe(trace: Trace, verdict: ChainVerdict, change: Callable[[float], str]) -> str:
+def describe(trace: Trace, verdict: Site, change: Callable[[float], str]) -> str:
     """`velocity_net is applied 10 times in a chain, 10 calls carry gradient: the gradient norm grows 512x ...`."""
     chain = verdict.worst
     run = chain.carried_run()
@@ -74,7 +52,7 @@ def _backward(trace: Trace, index: int) -> str:
     return backward_text(trace, index) if known else f"backward #{index}"
 
 
-def _times(verdict: ChainVerdict) -> str:
+def _times(verdict: Site) -> str:
     if verdict.seen == 1:
         return "the one backward pass seen"
     if verdict.crossed == verdict.seen:

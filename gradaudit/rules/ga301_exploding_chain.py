@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gradaudit.findings import Finding, Rule, Severity
-from gradaudit.rules.chains import crossing_chains, describe, long_enough
+from gradaudit.rules.chains import describe, long_enough, worst_chains
 from gradaudit.trace import Chain, Trace
 
 
@@ -23,7 +23,7 @@ def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
         )
 
     findings = []
-    for verdict in crossing_chains(trace, explodes, badness=lambda chain: chain.amplification() or 0.0):
+    for verdict in worst_chains(trace, explodes, badness=lambda chain: chain.amplification() or 0.0):
         message = describe(trace, verdict, lambda amplification: f"grows {amplification:.3g}x")
         findings.append(RULE.finding(verdict.worst.module, message, verdict.worst.location))
     return findings

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 
 from gradaudit.findings import Finding, Rule, Severity
-from gradaudit.rules.chains import crossing_chains, describe, long_enough
+from gradaudit.rules.chains import describe, long_enough, worst_chains
 from gradaudit.trace import Chain, Trace
 
 
@@ -28,7 +28,7 @@ def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
         return -amplification if amplification is not None else -math.inf
 
     findings = []
-    for verdict in crossing_chains(trace, vanishes, badness=smallness):
+    for verdict in worst_chains(trace, vanishes, badness=smallness):
         message = describe(trace, verdict, lambda amplification: f"shrinks to {amplification:.3g}x")
         findings.append(RULE.finding(verdict.worst.module, message, verdict.worst.location))
     return findings

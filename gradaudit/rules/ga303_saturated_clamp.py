@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gradaudit.findings import Finding, Rule, Severity
-from gradaudit.trace import Clamp, Location, Trace
+from gradaudit.rules.sites import worst_per_site
+from gradaudit.trace import Trace
 
 
 def bounds_text(lower: float | None, upper: float | None) -> str:
@@ -20,23 +21,16 @@ def bounds_text(lower: float | None, upper: float | None) -> str:
 
 
 def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
-    sites: dict[tuple[str, Location | None], list[Clamp]] = {}
-    for clamp in trace.clamps:
-        if not clamp.gate:
-            sites.setdefault((clamp.op, clamp.location), []).append(clamp)
     findings = []
-    for clamps in sites.values():
-        saturated = [c for c in clamps if c.saturated > options["max_saturated"]]
-        if not saturated:
-            continue
-        worst = max(saturated, key=lambda c: c.saturated)
+    for site in worst_per_site(
+        (clamp for clamp in trace.clamps if not clamp.gate),
+        lambda clamp: (clamp.op, clamp.location),
+        lambda clamp: clamp.saturated > options["max_saturated"],
+        badness=lambda clamp: clamp.saturated,
+    ):
+        worst = site.worst
         subject = worst.expression or worst.op
-        seen = len({c.backward for c in clamps})
-        times = (
-            "in the one backward pass seen"
-            if seen == 1
-            else f"in the worst of {seen} backward passes ({len({c.backward for c in saturated})} over the threshold)"
-        )
+        times = site.over_threshold()
         message = (
             f"`{subject}` has {100 * worst.saturated:.3g}% of its {worst.elements} elements outside "
             f"{bounds_text(worst.lower, worst.upper)} ({100 * worst.below:.3g}% below, {100 * worst.above:.3g}% "

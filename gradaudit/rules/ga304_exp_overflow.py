@@ -6,27 +6,22 @@ import math
 from collections.abc import Mapping
 
 from gradaudit.findings import Finding, Rule, Severity
-from gradaudit.trace import Exp, Location, Trace
+from gradaudit.rules.sites import worst_per_site
+from gradaudit.trace import Trace
 
 
 def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
-    sites: dict[tuple[str, Location | None], list[Exp]] = {}
-    for exp in trace.exps:
-        sites.setdefault((exp.op, exp.location), []).append(exp)
     findings = []
-    for exps in sites.values():
-        large = [e for e in exps if e.overflow > 0 or e.max_input > options["max_input"]]
-        if not large:
-            continue
-        worst = max(large, key=lambda e: (e.overflow, e.max_input))
+    for site in worst_per_site(
+        trace.exps,
+        lambda exp: (exp.op, exp.location),
+        lambda exp: exp.overflow > 0 or exp.max_input > options["max_input"],
+        badness=lambda exp: (exp.overflow, exp.max_input),
+    ):
+        worst = site.worst
         subject = worst.expression or worst.op
         output = f"largest finite output {worst.max_output:.3g}" if worst.max_output is not None else "no finite output"
-        seen = len({e.backward for e in exps})
-        times = (
-            "in the one backward pass seen"
-            if seen == 1
-            else f"in the worst of {seen} backward passes ({len({e.backward for e in large})} over the threshold)"
-        )
+        times = site.over_threshold()
         message = f"`{subject}` takes inputs up to {worst.max_input:.3g} ({output}, {worst.dtype}) {times}"
         if worst.overflow:
             message += (
