@@ -48,3 +48,20 @@ def test_the_first_op_to_produce_nan_from_finite_inputs_is_the_origin():
 
     (origin,) = _one_step(loss_of).nonfinite_origins
     assert (origin.op, origin.expression, origin.kind) == ("log", "torch.log(ratio - 2)", "nan")
+
+
+def test_nan_data_reaching_the_loss_is_traced_to_its_op_and_unrelated_nans_are_not():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradaudit.audit() as audit:
+        for step in range(2):
+            stale = torch.sqrt(torch.tensor([-1.0]))  # NaN that never reaches a loss
+            target = torch.log(torch.ones(8, 1) - 2 * step) * 3  # step 1: log(-1), NaN data reaching the loss
+            loss = F.mse_loss(model(torch.randn(8, 4)), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert stale.isnan().all()
+    (origin,) = audit.trace.nonfinite_origins
+    assert (origin.op, origin.expression, origin.backward) == ("log", "torch.log(torch.ones(8, 1) - 2 * step)", 1)

@@ -43,6 +43,7 @@ _MULTIPLY = {"mul", "__mul__", "__rmul__", "multiply", "mul_", "__imul__"}
 _DIVIDE = {"div", "__truediv__", "true_divide", "divide", "div_", "__itruediv__"}
 _MAX_RECORDS = 200_000
 _MAX_PENDING = 20_000
+_MAX_NONFINITE_SOURCES = 8
 
 
 @dataclass
@@ -56,6 +57,8 @@ class OpRecord:
     """A one-element constant operand's value (for `coef * term`)."""
     constant_names: dict[int, str] = field(default_factory=dict)
     """Constant arguments the user named with `audit.term(...)`."""
+    nonfinite_inputs: list[NonFiniteCandidate] = field(default_factory=list)
+    """Ops that may have put NaN/Inf into the constant data this op read."""
 
 
 @dataclass
@@ -83,10 +86,9 @@ class NonFiniteCandidate:
     born: torch.Tensor
     has_nan: torch.Tensor
     node: Any
-    """The output's graph node; None for an op without history (its NaN can still reach a loss as data)."""
+    """The output's graph node; None for an op without history (its output reaches losses as data)."""
     record: OpRecord
     clock: int
-    backwards_before: int
 
 
 Lineage = dict[int, tuple[int, int]]
@@ -116,7 +118,9 @@ class ProvenanceMode(TorchFunctionMode):
         self.lineage: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.measured: deque[Measured] = deque(maxlen=_MAX_PENDING)
         self.nonfinite: deque[NonFiniteCandidate] = deque(maxlen=_MAX_PENDING)
-        self.backwards_seen = 0
+        """Candidates on graphs, found by their node."""
+        self.nonfinite_from: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """Constant tensor -> the candidates its data came through, so that NaN data reaching a loss is traced."""
         self.clock = 0
         """Ops observed so far: pending records older than the previous iteration are dropped by it."""
         self.last_sequence_nr = -1
@@ -169,13 +173,16 @@ class ProvenanceMode(TorchFunctionMode):
         )
         if not outputs:
             return
-        inputs = list(_tensors([*args, *kwargs.values()]))
+        needs_inputs = self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES
+        inputs = list(_tensors([*args, *kwargs.values()])) if needs_inputs else []
         if self.lineage:
             self._inherit_lineage(inputs, outputs)
+        sources = self._nonfinite_sources(inputs) if self.nonfinite_from else []
         tracked = [o for o in outputs if o.requires_grad and o.grad_fn is not None]
         record = None
         if tracked:
             record = self._record_graph_op(func, args, kwargs, tracked)
+            record.nonfinite_inputs = sources
             if stats is not None:
                 self.measured.append(Measured(tracked[0].grad_fn, record, stats, self.clock))
         elif all(not o.requires_grad for o in outputs):
@@ -188,8 +195,17 @@ class ProvenanceMode(TorchFunctionMode):
             if record is None:
                 frame = user_frame()
                 record = OpRecord(name, location_of(frame), expression_of(frame))
-            node = tracked[0].grad_fn if tracked else None
-            self.nonfinite.append(NonFiniteCandidate(born, has_nan, node, record, self.clock, self.backwards_seen))
+            candidate = NonFiniteCandidate(born, has_nan, tracked[0].grad_fn if tracked else None, record, self.clock)
+            if tracked:
+                self.nonfinite.append(candidate)
+            sources = [candidate, *sources][:_MAX_NONFINITE_SOURCES]
+        if sources and not tracked:
+            for output in outputs:
+                self.nonfinite_from[output] = sources
+
+    def _nonfinite_sources(self, inputs: list[torch.Tensor]) -> list[NonFiniteCandidate]:
+        found = [c for tensor in inputs for c in self.nonfinite_from.get(tensor, ())]
+        return list({id(c): c for c in found}.values())[:_MAX_NONFINITE_SOURCES]
 
     def lineage_of(self, tensors: list[torch.Tensor]) -> Lineage:
         """The module calls that fed these tensors, merged: for each module its longest feeding chain."""

@@ -504,7 +504,6 @@ class Recorder:
             self._note_regression_targets(view)
             self._note_numerics(view, index, finite)
             handles, record_chains = self.chain_tracker.prepare(view, index)
-            self.mode.backwards_seen += 1
         if not accumulates:
             return handles, [], record_chains
         contributions: list[tuple[_Param, list]] = []
@@ -585,12 +584,13 @@ class Recorder:
         self.measured += [(m, backward) for m in self.mode.measured if view.holds(m.node)]
         if loss_finite:
             return
-        for candidate in self.mode.nonfinite:
-            on_graph = view.holds(candidate.node) if candidate.node is not None else None
-            recent = candidate.backwards_before == self.mode.backwards_seen
-            if (on_graph or (on_graph is None and recent)) and bool(candidate.born):
-                self.nonfinite_origins.append((candidate, backward))
-                return
+        reaching = [c for c in self.mode.nonfinite if view.holds(c.node)]
+        reaching += [
+            c for node in view.nodes.values() if (record := self.mode.record_for(node)) for c in record.nonfinite_inputs
+        ]
+        born = [c for c in reaching if bool(c.born)]
+        if born:
+            self.nonfinite_origins.append((min(born, key=lambda c: c.clock), backward))
 
     def _note_regression_targets(self, view: GraphView) -> None:
         remaining = []
