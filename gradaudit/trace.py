@@ -6,6 +6,7 @@ Capture writes it, rules read it. Nothing here imports torch, so a saved trace c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -292,17 +293,22 @@ class Trace:
             raise TraceError(f"no trace file at {path}") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TraceError(f"{path} is not a readable trace JSON file ({exc})") from exc
+        except RecursionError:
+            raise TraceError(f"{path} is not a gradaudit trace (its JSON is nested too deeply to read)") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "trace") -> Trace:
+        """Checks every value against the field types and every cross-reference; damage is a one-line TraceError."""
         if not isinstance(raw, dict) or raw.get("version") != TRACE_VERSION:
             found = raw.get("version") if isinstance(raw, dict) else type(raw).__name__
             raise TraceError(f"{source} is not a gradaudit trace of version {TRACE_VERSION} (found {found!r})")
         try:
-            return _build(cls, raw)
-        except (TypeError, KeyError, ValueError, AttributeError) as exc:
-            raise TraceError(f"{source} is a damaged gradaudit trace ({exc})") from exc
+            trace = _converter(cls)(raw)
+            _check_references(trace)
+        except _Damage as exc:
+            raise TraceError(f"{source} is a damaged gradaudit trace ({exc})") from None
+        return trace
 
 
 T = TypeVar("T")
@@ -316,26 +322,147 @@ def by_site(items: Iterable[T], site: Callable[[T], Hashable]) -> list[list[T]]:
     return list(grouped.values())
 
 
-def _build(kind: Any, raw: Any) -> Any:
-    """Rebuilds dataclasses from `asdict` output, following the type hints."""
-    origin = get_origin(kind)
+class _Damage(Exception):
+    """A value that does not fit the trace's schema, and where it sits (`events[3].optimizer`)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.steps: list[str] = []
+
+    def inside(self, step: str) -> _Damage:
+        """Adds the enclosing field (`.name`) or item (`[3]`) while the error travels outward."""
+        self.steps.append(step)
+        return self
+
+    def __str__(self) -> str:
+        where = "".join(reversed(self.steps)).removeprefix(".")
+        return f"{where}: {self.problem}" if where else self.problem
+
+
+Converter = Callable[[Any], Any]
+
+_JSON_TYPES: dict[type, tuple[type, ...]] = {int: (int,), float: (float, int), str: (str,), bool: (bool,)}
+"""The JSON values each scalar field accepts (exact types: a boolean is not an int here)."""
+
+
+@functools.cache
+def _converter(kind: Any) -> Converter:
+    """The function that checks a JSON value against a field type and rebuilds it; made once per type."""
     if dataclasses.is_dataclass(kind):
-        if not isinstance(raw, dict):
-            raise TypeError(f"{kind.__name__} expects an object, got {type(raw).__name__}")
-        hints = get_type_hints(kind)
-        return kind(**{f.name: _build(hints[f.name], raw[f.name]) for f in dataclasses.fields(kind) if f.name in raw})
+        return _dataclass_converter(kind)
+    origin, args = get_origin(kind), get_args(kind)
     if origin is list:
-        (item,) = get_args(kind)
-        return [_build(item, x) for x in raw]
+        return _list_converter(_converter(args[0]))
     if origin is dict:
-        _, value = get_args(kind)
-        return {k: _build(value, v) for k, v in raw.items()}
-    args = get_args(kind)
-    if args and type(None) in args:  # Optional[X]
-        if raw is None:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _build(inner, raw)
-    if kind in (int, float, str, bool) and not isinstance(raw, kind) and not (kind is float and isinstance(raw, int)):
-        raise TypeError(f"expected {kind.__name__}, got {raw!r}")
-    return raw
+        return _dict_converter(_converter(args[1]))
+    if type(None) in args:
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _optional_converter(_converter(inner))
+    if kind in _JSON_TYPES:
+        return _scalar_converter(kind)
+    raise TypeError(f"no trace converter for the type {kind!r}")
+
+
+def _describe(raw: Any) -> str:
+    if isinstance(raw, dict | list):
+        return "an object" if isinstance(raw, dict) else "an array"
+    text = json.dumps(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _dataclass_converter(kind: type) -> Converter:
+    hints = get_type_hints(kind)
+    fields = [(field.name, _converter(hints[field.name])) for field in dataclasses.fields(kind)]
+
+    def convert(raw: Any) -> Any:
+        if type(raw) is not dict:
+            raise _Damage(f"expected an object ({kind.__name__}), got {_describe(raw)}")
+        values = {}
+        for name, field_converter in fields:
+            if name in raw:
+                try:
+                    values[name] = field_converter(raw[name])
+                except _Damage as exc:
+                    raise exc.inside(f".{name}") from None
+        try:
+            return kind(**values)
+        except TypeError:
+            missing = [name for name, _ in fields if name not in raw]
+            raise _Damage(f"{kind.__name__} lacks {', '.join(missing)}") from None
+
+    return convert
+
+
+def _list_converter(item: Converter) -> Converter:
+    def convert(raw: Any) -> list[Any]:
+        if type(raw) is not list:
+            raise _Damage(f"expected an array, got {_describe(raw)}")
+        built = []
+        for index, value in enumerate(raw):
+            try:
+                built.append(item(value))
+            except _Damage as exc:
+                raise exc.inside(f"[{index}]") from None
+        return built
+
+    return convert
+
+
+def _dict_converter(value_converter: Converter) -> Converter:
+    def convert(raw: Any) -> dict[str, Any]:
+        if type(raw) is not dict:
+            raise _Damage(f"expected an object, got {_describe(raw)}")
+        built = {}
+        for key, value in raw.items():
+            try:
+                built[key] = value_converter(value)
+            except _Damage as exc:
+                raise exc.inside(f"[{key!r}]") from None
+        return built
+
+    return convert
+
+
+def _optional_converter(inner: Converter) -> Converter:
+    def convert(raw: Any) -> Any:
+        return None if raw is None else inner(raw)
+
+    return convert
+
+
+def _scalar_converter(kind: type) -> Converter:
+    accepted = _JSON_TYPES[kind]
+
+    def convert(raw: Any) -> Any:
+        if type(raw) not in accepted:
+            raise _Damage(f"expected {kind.__name__}, got {_describe(raw)}")
+        return raw
+
+    return convert
+
+
+def _check_references(trace: Trace) -> None:
+    """The indices and names that rules look up must point at something: checked once, after loading."""
+    optimizers, backwards = range(len(trace.optimizers)), range(len(trace.backwards))
+    parameters = {p.name for p in trace.parameters}
+    for table in ("optimizers", "backwards"):
+        for position, item in enumerate(getattr(trace, table)):
+            if item.index != position:
+                raise _Damage(f"{item.index!r} is not its position, {position}").inside(f"{table}[{position}].index")
+    for position, parameter in enumerate(trace.parameters):
+        for owner in parameter.owners:
+            _refer(owner, optimizers, "optimizer", "parameters", position, "owners")
+    for position, event in enumerate(trace.events):
+        _refer(event.param, parameters, "parameter", "events", position, "param")
+        _refer(event.optimizer, optimizers, "optimizer", "events", position, "optimizer")
+        _refer(event.backward, backwards, "backward pass", "events", position, "backward")
+    for table in ("chains", "clamps", "exps", "nonfinite_origins"):
+        for position, item in enumerate(getattr(trace, table)):
+            _refer(item.backward, backwards, "backward pass", table, position, "backward")
+
+
+def _refer(value: Any, known: range | set[str], what: str, table: str, position: int, name: str) -> None:
+    """`value` (None: refers to nothing) must be in `known`; the path is formatted only when it is not."""
+    if value is not None and value not in known:
+        raise _Damage(f"{value!r} names no {what} in the trace").inside(f"{table}[{position}].{name}")
