@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gradaudit.findings import ConfigError, Severity
-from gradaudit.rules import options_by_rule
+from gradaudit.rules import options_by_rule, unknown_patterns
 
 __all__ = ["Config", "ConfigError", "find_pyproject", "load_config", "parse_option"]
 
@@ -59,8 +59,8 @@ class Config:
         options_by_rule(merged_options)
         return dataclasses.replace(
             self,
-            select=tuple(select) or self.select,
-            ignore=tuple(ignore) or self.ignore,
+            select=_known_patterns("--select", select) or self.select,
+            ignore=_known_patterns("--ignore", ignore) or self.ignore,
             fail_on=self.fail_on if fail_on is None else fail_on,
             iterations=self.iterations if iterations is None else iterations,
             options=merged_options,
@@ -132,7 +132,17 @@ def _from_table(table: Any, path: Path) -> Config:
 def _rule_patterns(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ConfigError(f"{key} must be a list of rule codes, prefixes or names, got {value!r}")
-    return tuple(value)
+    return _known_patterns(key, value)
+
+
+def _known_patterns(key: str, patterns: Sequence[str]) -> tuple[str, ...]:
+    unknown = unknown_patterns(patterns)
+    if unknown:
+        raise ConfigError(
+            f"{key} {', '.join(map(repr, unknown))}: matches no rule (give codes such as GA203, prefixes such as GA2 "
+            "or names such as discarded-grad; `gradaudit rules` lists them)"
+        )
+    return tuple(patterns)
 
 
 def _severity(value: Any) -> Severity:

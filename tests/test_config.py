@@ -126,6 +126,8 @@ def test_rule_options_from_file_and_flags(gradaudit_cli, tmp_path, monkeypatch):
         ("[tool.gradaudit]\niterations = 0", "iterations must be a positive integer, got 0"),
         ('[tool.gradaudit]\nselect = "GA1"', "select must be a list of rule codes, prefixes or names"),
         ("[tool.gradaudit]\nfail_on = 'error'", "unknown key 'fail_on' in [tool.gradaudit]"),
+        ('[tool.gradaudit]\nselect = ["GA2", "GA999"]', "select 'GA999': matches no rule"),
+        ('[tool.gradaudit]\nignore = [""]', "ignore '': matches no rule"),
         ("[tool.gradaudit.GA999]\nlimit = 1", "names no rule 'GA999'"),
         ("[tool.gradaudit.GA301]\nmax_amp = 1", "GA301 has no option 'max_amp'"),
         ('[tool.gradaudit.GA301]\nmax_amplification = "big"', "GA301.max_amplification must be a number"),
@@ -154,6 +156,21 @@ def test_bad_option_flag_is_one_line_exit_2(gradaudit_cli, option, message):
     result = gradaudit_cli("run", "dqn.py", "-o", option)
     assert result.exit_code == 2 and message in result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--select", "GA999"), "--select 'GA999': matches no rule"),
+        (("--select", "GA2,dead-trm"), "--select 'dead-trm': matches no rule"),
+        (("--ignore", "GA7"), "--ignore 'GA7': matches no rule"),
+    ],
+)
+def test_a_rule_pattern_that_matches_nothing_is_exit_2(gradaudit_cli, flags, message):
+    for command in (("run", "dqn.py"), ("report", "trace.json")):
+        result = gradaudit_cli(*command, *flags)
+        assert result.exit_code == 2 and message in result.output and result.report is None
+        assert result.output.count("\n") == 1 and "Traceback" not in result.output
 
 
 def test_the_python_api_rejects_a_misspelt_option_before_running():

@@ -51,6 +51,11 @@ def _matches(rule: Rule, patterns: Collection[str]) -> bool:
     return any(rule.code.startswith(p.upper()) or rule.name == p.lower() for p in patterns)
 
 
+def unknown_patterns(patterns: Collection[str]) -> list[str]:
+    """The patterns that match no rule: a typo such as GA999 would otherwise select nothing and pass a CI gate."""
+    return [p for p in patterns if not p or not any(_matches(rule, (p,)) for rule in RULES)]
+
+
 def options_by_rule(options: Mapping[str, object]) -> dict[str, dict[str, float]]:
     """Each rule's options, `{"GA301.max_amplification": 50}` merged over its defaults; checks rule, name and value."""
     overrides: dict[str, dict[str, object]] = {}
