@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,6 +22,10 @@ from gradaudit.report import build_report, json_report
 from gradaudit.report import console as console_report
 from gradaudit.rules import RULES, rule_by_code, run_rules
 from gradaudit.trace import Trace, TraceError
+
+if TYPE_CHECKING:
+    from gradaudit.capture import Audit
+    from gradaudit.runner import Outcome
 
 app = typer.Typer(
     help="Audit the gradient flow of a PyTorch training program.", no_args_is_help=True, add_completion=False
@@ -60,15 +68,56 @@ def settings(
         fail(str(exc))
 
 
-def emit(trace: Trace, findings: list[Finding], json_path: Path | None, quiet: bool, fail_on: Severity) -> int:
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]gradaudit:[/yellow] {escape(message)}", soft_wrap=True)
+
+
+def output_path(path: Path | None, flag: str) -> Path | None:
+    """An output file, checked before anything runs: absolute (relative to where gradaudit was started, not to
+    where the program ends up), in a folder that exists and is writable; otherwise exit 2."""
+    if path is None:
+        return None
+    absolute = Path(os.path.abspath(path))
+    if absolute.is_dir():
+        fail(f"{flag} {path}: is a folder, not a file")
+    if not absolute.parent.is_dir():
+        fail(f"{flag} {path}: the folder {absolute.parent} does not exist")
+    if not os.access(absolute.parent, os.W_OK | os.X_OK) or (absolute.exists() and not os.access(absolute, os.W_OK)):
+        fail(f"{flag} {path}: not writable")
+    return absolute
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A failure to write `path` is one line and exit 2."""
+    try:
+        yield
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a command writes (paths checked before anything runs) and the severity that fails it."""
+
+    json_path: Path | None
+    trace_path: Path | None
+    quiet: bool
+    fail_on: Severity
+
+
+def emit(trace: Trace, findings: list[Finding], outputs: Outputs) -> int:
     """Writes the requested outputs; returns the exit code for `fail_on`."""
     report = build_report(trace, findings)
-    if json_path is not None:
-        with open(json_path, "w") as stream:
+    if outputs.trace_path is not None:
+        with writing(outputs.trace_path):
+            trace.save(outputs.trace_path)
+    if outputs.json_path is not None:
+        with writing(outputs.json_path), outputs.json_path.open("w") as stream:
             json_report.render(report, stream)
-    if not quiet:
+    if not outputs.quiet:
         console_report.render(report, sys.stdout)
-    return 1 if any(f.severity >= fail_on for f in findings) else 0
+    return 1 if any(f.severity >= outputs.fail_on for f in findings) else 0
 
 
 SelectOption = Annotated[list[str] | None, typer.Option("--select", help="only these rules (codes, prefixes, names)")]
@@ -87,7 +136,9 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no console rep
 
 @app.command(context_settings={"allow_interspersed_args": True})
 def run(
-    target: Annotated[str | None, typer.Argument(help="the training script (or, with -m, its first argument)")] = None,
+    target: Annotated[
+        str | None, typer.Argument(help="the training script or folder (or, with -m, its first argument)")
+    ] = None,
     script_args: Annotated[list[str] | None, typer.Argument(help="arguments for the program, after --")] = None,
     module: Annotated[str | None, typer.Option("-m", help="run a module as __main__, like python -m")] = None,
     iterations: Annotated[
@@ -103,11 +154,23 @@ def run(
     quiet: QuietOption = False,
     term_grads: Annotated[bool, typer.Option(help="measure each loss term's gradient per parameter group")] = True,
 ) -> None:
-    """Run a training program under audit: `gradaudit run train.py -- --lr 3e-4`."""
+    """Run a training program under audit: `gradaudit run train.py -- --lr 3e-4`.
+
+    The program runs as `python train.py` (or `python FOLDER`, `python -m MODULE`) would run it, until the
+    audited iterations are complete; gradaudit then stops it and reports. The report says how the program
+    ended: stopped by gradaudit, returned, sys.exit or os._exit, an uncaught exception, or Ctrl-C.
+
+    Exit status: 0 no finding at or above --fail-on; 1 findings at or above --fail-on; 2 nothing could be
+    audited (bad input or settings, or the program failed before its first training iteration); 130
+    interrupted (Ctrl-C, after a partial report). When the program itself ended with a non-zero status after
+    audited iterations (sys.exit(3), os._exit(3); 1 for an uncaught exception or sys.exit("message"), as in
+    Python), gradaudit reports what it saw and exits with that status, so a failing program never passes.
+    """
     from gradaudit.capture import Audit
     from gradaudit.runner import ProgramNotFound, run_program
 
     config = settings(select, ignore, fail_on, option, iterations)
+    outputs = Outputs(output_path(json_path, "--json"), output_path(save_trace, "--save-trace"), quiet, config.fail_on)
     args = list(script_args or [])
     if module is not None:
         if target is not None:
@@ -125,34 +188,65 @@ def run(
         options=config.options,
         program=program,
     )
+
+    def conclude(outcome: Outcome) -> int:
+        try:
+            return report_outcome(audit, outcome, outputs)
+        except typer.Exit as exc:
+            return exc.exit_code
+
     try:
-        outcome = run_program(audit, program, args, as_module)
+        outcome = run_program(audit, program, args, as_module, conclude)
     except ProgramNotFound as exc:
         fail(str(exc))
+    raise typer.Exit(conclude(outcome))
+
+
+def report_outcome(audit: Audit, outcome: Outcome, outputs: Outputs) -> int:
+    """Reports what was seen and how the program ended; returns the exit status (see `gradaudit run --help`)."""
     recorder = audit.recorder
-    if outcome.stopped_by == "exception" and recorder.iterations == 0:
+    if outcome.exit_message:
+        sys.stderr.write(outcome.exit_message + "\n")  # as Python prints sys.exit("message")
+    if outcome.traceback:
         sys.stderr.write(outcome.traceback)
-        fail(f"the program raised {outcome.error} before completing a training iteration (0 iterations audited)")
-    if not recorder.backwards and outcome.exit_code:
-        fail(f"the program exited with status {outcome.exit_code} before any backward call: nothing to audit")
+    if outcome.stopped_by == "interrupted" and not recorder.backwards:
+        warn("the program was interrupted (KeyboardInterrupt) before any backward call: nothing to audit")
+        return outcome.status
+    if outcome.stopped_by == "exception" and recorder.iterations == 0:
+        fail(f"the program {outcome.ending} before completing a training iteration (0 iterations audited)")
+    if not recorder.backwards and outcome.status:
+        fail(f"the program exited with status {outcome.status} before any backward call: nothing to audit")
     if not recorder.backwards:
         seen = ", ".join(
             f"{type(o.optimizer).__name__} '{recorder._label(o)}'" + (f" ({o.created_at})" if o.created_at else "")
             for o in recorder.optimizers.values()
         )
         fail(f"no backward call seen: nothing to audit (optimizers seen: {seen or 'none'})")
-    note = ""
-    if outcome.stopped_by == "exception":
-        sys.stderr.write(outcome.traceback)
-        note = f"the program raised {outcome.error} after {recorder.iterations} iteration(s); reporting what was seen"
-        stderr.print(f"[yellow]gradaudit:[/yellow] {escape(note)}", soft_wrap=True)
-    elif outcome.stopped_by == "cap":
-        note = "window capped before every optimizer stepped"
+    note = how_it_ended(outcome, recorder.iterations)
+    if outcome.status or outcome.ending or outcome.stop_swallowed:
+        warn(note)
     audit.finish(outcome.stopped_by, note)
     assert audit.trace is not None
-    if save_trace is not None:
-        audit.trace.save(save_trace)
-    raise typer.Exit(emit(audit.trace, audit.findings, json_path, quiet, config.fail_on))
+    code = emit(audit.trace, audit.findings, outputs)
+    return outcome.status or code
+
+
+def how_it_ended(outcome: Outcome, iterations: int) -> str:
+    """The report's note: how the window closed and how the program ended, with the exit status it implies."""
+    parts = []
+    if outcome.stopped_by == "cap":
+        parts.append("window capped before every optimizer stepped")
+    if outcome.stop_swallowed:
+        parts.append(
+            f"the program caught gradaudit's stop after {iterations} iteration(s) and ran on unaudited to its end"
+        )
+        if outcome.ending:
+            parts.append(f"it then {outcome.ending}")
+    elif outcome.ending:
+        parts.append(f"the program {outcome.ending} after {iterations} iteration(s)")
+    if outcome.status:
+        parts.append(f"exit status {outcome.status}")
+    return "; ".join(parts)
 
 
 @app.command()
@@ -167,12 +261,13 @@ def report(
 ) -> None:
     """Re-run the rules on a saved trace."""
     config = settings(select, ignore, fail_on, option)
+    outputs = Outputs(output_path(json_path, "--json"), None, quiet, config.fail_on)
     try:
         trace = Trace.load(trace_path)
     except TraceError as exc:
         fail(str(exc))
     findings = run_rules(trace, config.select, config.ignore, config.options)
-    raise typer.Exit(emit(trace, findings, json_path, quiet, config.fail_on))
+    raise typer.Exit(emit(trace, findings, outputs))
 
 
 @app.command()

@@ -5,7 +5,7 @@ import json
 from gradaudit.report import REPORT_VERSION
 from gradaudit.rules import RULES
 from gradaudit.trace import TRACE_VERSION
-from tests.conftest import fixture_line
+from tests.conftest import FIXTURES, fixture_line
 
 
 def test_missing_script_is_exit_2(gradaudit_cli):
@@ -122,3 +122,40 @@ def test_report_shows_clamps_and_exps(gradaudit_cli):
     exp = next(e for e in result.report["exps"] if e["location"]["line"] == fixture_line("ppo_clamp.py", "GA304-here"))
     assert exp["op"] == "exp" and exp["max_input"] == 20 and exp["dtype"] == "float32"
     assert "clamps and exp" in result.output
+
+
+def test_output_paths_are_checked_before_the_program_runs(gradaudit_cli, tmp_path):
+    missing = tmp_path / "no_such_folder" / "out.json"
+    for flag in ("--json", "--save-trace"):
+        result = gradaudit_cli("run", "chdir_then_file.py", flag, str(missing))
+        assert result.exit_code == 2 and result.report is None
+        assert f"gradaudit: error: {flag} {missing}: the folder {missing.parent} does not exist" in result.output
+        assert "as-python:" not in result.output and result.output.count("\n") == 1
+    result = gradaudit_cli("report", "trace.json", "--json", str(missing))
+    assert result.exit_code == 2 and "does not exist" in result.output and "no trace file" not in result.output
+    result = gradaudit_cli("run", "chdir_then_file.py", "--save-trace", str(tmp_path))
+    assert result.exit_code == 2 and "is a folder, not a file" in result.output
+
+
+def test_relative_output_paths_are_relative_to_where_gradaudit_started(gradaudit_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # chdir_then_file.py moves to the temp folder while it runs
+    result = gradaudit_cli(
+        "run", str(FIXTURES / "chdir_then_file.py"), "--json", "report.json", "--save-trace", "t.json"
+    )
+    assert result.exit_code == 0 and result.report["window"]["stopped_by"] == "iterations"
+    assert (tmp_path / "t.json").is_file()
+
+
+def test_damaged_traces_are_one_line_exit_2(gradaudit_cli, tmp_path):
+    trace_path = tmp_path / "trace.json"
+    assert gradaudit_cli("run", "sys_exit.py", "--save-trace", str(trace_path)).exit_code == 1
+    trace = json.loads(trace_path.read_text())
+    trace["events"][0]["optimizer"] = 7
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps(trace))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for path, message in ((damaged, "events[0].optimizer: 7 names no optimizer"), (deep, "nested too deeply")):
+        result = gradaudit_cli("report", str(path))
+        assert result.exit_code == 2 and message in result.output
+        assert result.output.count("\n") == 1 and "Traceback" not in result.output

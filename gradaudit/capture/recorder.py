@@ -181,6 +181,7 @@ class Recorder:
         self.primary: int | None = None
         self.iterations = 0
         self.stopped_by = "context-exit"
+        self.stop_swallowed = False
         self.internal_errors = 0
         self._depth = 0
         self._in_backward = False
