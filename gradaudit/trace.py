@@ -247,8 +247,10 @@ class NonFiniteOrigin:
 class Window:
     iterations: int
     stopped_by: str
-    """iterations | program-end | cap | exception | context-exit"""
+    """iterations | cap (gradaudit stopped the program) | program-end (it returned or exited) | exception |
+    interrupted (Ctrl-C) | context-exit (the `with gradaudit.audit()` block ended)"""
     note: str = ""
+    """How the program ended when that was not plain (sys.exit(3), os._exit, an exception), and the exit status."""
 
 
 @dataclass
