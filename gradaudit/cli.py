@@ -32,7 +32,8 @@ class FailOn(enum.StrEnum):
 
 
 def fail(message: str) -> NoReturn:
-    stderr.print(f"[bold red]gradaudit: error:[/bold red] {escape(message)}", soft_wrap=True)
+    """One line on stderr and exit 2; the message's control characters and markup are printed as text."""
+    stderr.print(f"[bold red]gradaudit: error:[/bold red] {escape(console_report.printable(message))}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -145,7 +146,7 @@ def run(
     if outcome.stopped_by == "exception":
         sys.stderr.write(outcome.traceback)
         note = f"the program raised {outcome.error} after {recorder.iterations} iteration(s); reporting what was seen"
-        stderr.print(f"[yellow]gradaudit:[/yellow] {escape(note)}", soft_wrap=True)
+        stderr.print(f"[yellow]gradaudit:[/yellow] {escape(console_report.printable(note))}", soft_wrap=True)
     elif outcome.stopped_by == "cap":
         note = "window capped before every optimizer stepped"
     audit.finish(outcome.stopped_by, note)

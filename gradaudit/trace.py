@@ -246,6 +246,7 @@ class Window:
     stopped_by: str
     """iterations | program-end | cap | exception | context-exit"""
     note: str = ""
+    internal_errors: int = 0
 
 
 @dataclass

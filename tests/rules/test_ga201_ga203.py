@@ -17,7 +17,8 @@ def test_encoder_in_no_optimizer_is_an_orphan(gradaudit_cli):
     result = gradaudit_cli("run", "encoder_layout.py", "--", "--layout", "encoder-orphan")
     (finding,) = result.findings("GA201")
     assert finding["subject"] == "obs_encoder"
-    assert "obs_encoder (4 tensors)" in finding["message"]
+    tensors = "obs_encoder.0.weight, obs_encoder.0.bias, obs_encoder.2.weight, obs_encoder.2.bias"
+    assert f"obs_encoder (4 tensors: {tensors}) receives gradient" in finding["message"]
     assert finding["location"]["line"] == fixture_line("encoder_layout.py", "GA201-here")
     assert result.findings("GA203") == []
 
