@@ -24,6 +24,8 @@ _MESSAGE_WIDTH = 40
 findings are printed as blocks."""
 _TEXT_WIDTH = 20
 """The same for the free-text columns of the other tables."""
+_TERMS_WIDTH = 16
+"""The narrowest column of the terms that reach a parameter group."""
 _INDENT = 4
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ud800-\udfff]")
@@ -142,7 +144,7 @@ def _groups(console: Console, report: dict[str, Any]) -> None:
         for g in report["groups"]
     ]
     names = [min(max((len(printable(row[i])) for row in rows), default=0), _TEXT_WIDTH) for i in (0, 3)]
-    if not _fits(console, [len("tensors"), len("grad norm")], [*names, _TEXT_WIDTH]):
+    if not _fits(console, [len("tensors"), len("grad norm")], [*names, _TERMS_WIDTH]):
         _heading(console, title)
         for group, tensors, norm, optimizers, reached_by in rows:
             facts = f": {tensors} tensor(s), grad norm {norm}, optimizer(s) {optimizers}, reached by {reached_by}"
