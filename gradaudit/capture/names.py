@@ -30,6 +30,7 @@ _READABLE_PARTS = 4
 """A path through library objects longer than this (`trainer.strategy.model...`) is a last resort."""
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 _OPAQUE = (type, types.ModuleType, types.FunctionType, types.MethodType, torch.Tensor, torch.optim.Optimizer)
+_SCALARS = (str, bytes, int, float, complex)
 
 
 @dataclass(frozen=True, order=True)
@@ -60,6 +61,7 @@ def _part(name: str) -> Path:
 
 
 def instance_attributes(value: object) -> dict:
+    """The object's own attribute dict, read without running any of its code; {} when it has none."""
     try:
         attributes = object.__getattribute__(value, "__dict__")
     except Exception:  # noqa: BLE001 - objects without a plain __dict__ are not looked into
@@ -68,20 +70,21 @@ def instance_attributes(value: object) -> dict:
 
 
 def _children(value: object) -> Iterator[tuple[str, object]]:
-    """What an object holds by name, read without running any of its code."""
-    if isinstance(value, nn.Module):
+    """What an object holds by name, read without running any of its code (`type()`: proxies answer isinstance)."""
+    kind = type(value)
+    if issubclass(kind, nn.Module):
         attributes = instance_attributes(value)
         for store in ("_modules", "_parameters"):
-            yield from (attributes.get(store) or {}).items()
-        yield from ((k, v) for k, v in attributes.items() if k not in _MODULE_INTERNALS)
-    elif isinstance(value, list | tuple):
+            yield from list((attributes.get(store) or {}).items())
+        yield from [(k, v) for k, v in attributes.items() if k not in _MODULE_INTERNALS]
+    elif issubclass(kind, list | tuple):
         if len(value) <= _MAX_ITEMS:
             yield from ((f"[{i}]", item) for i, item in enumerate(value))
-    elif isinstance(value, dict):
+    elif issubclass(kind, dict):
         if len(value) <= _MAX_ITEMS:
             yield from ((f"[{key!r}]", item) for key, item in list(value.items()) if isinstance(key, str))
-    elif not isinstance(value, _OPAQUE):
-        yield from instance_attributes(value).items()
+    elif not issubclass(kind, _OPAQUE):
+        yield from list(instance_attributes(value).items())
 
 
 def _cheapest(targets: dict[int, tuple[object, Path]], roots: Iterable[tuple[str, object]]) -> Path | None:
@@ -104,7 +107,7 @@ def _cheapest(targets: dict[int, tuple[object, Path]], roots: Iterable[tuple[str
             continue
         if path.length < _MAX_PARTS:
             for name, child in _children(value):
-                if child is not None and id(child) not in seen and not isinstance(child, str | bytes | int | float):
+                if child is not None and id(child) not in seen and not issubclass(type(child), _SCALARS):
                     heapq.heappush(heap, (path.then(_part(name)), next(order), child))
     return best
 
@@ -129,7 +132,7 @@ def attribute_path(obj: object, frame: FrameType | None, outermost: Collection[i
             found = _cheapest(targets, roots)
             if found is not None and found.parts[0] == "self":
                 relative = found.tail()
-                if in_library or isinstance(owner, nn.Module) or not relative.parts:
+                if in_library or issubclass(type(owner), nn.Module) or not relative.parts:
                     through_self.append(relative)
                     targets[id(owner)] = (owner, relative)
                 else:

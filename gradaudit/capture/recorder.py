@@ -144,7 +144,7 @@ def _modules_in_scope(frame: FrameType) -> list[nn.Module]:
     owner = frame.f_locals.get("self")
     if owner is not None and not isinstance(owner, nn.Module):
         values += instance_attributes(owner).values()
-    modules = {id(value): value for value in values if isinstance(value, nn.Module)}
+    modules = {id(value): value for value in values if issubclass(type(value), nn.Module)}
     return list(modules.values())
 
 

@@ -64,9 +64,9 @@ def _fits(console: Console, fixed: Iterable[int], flexible: Iterable[int]) -> bo
     return sum(widths) + 3 * len(widths) + 1 <= console.width
 
 
-def _titled(console: Console, title: str, **options: Any) -> Table:
+def _titled(console: Console, title: str) -> Table:
     """A table at least as wide as its title (up to the console's width), so that the title stays on one line."""
-    return Table(title=_text(title), min_width=min(len(printable(title)), console.width), **options)
+    return Table(title=_text(title), min_width=min(len(printable(title)), console.width))
 
 
 def _heading(console: Console, title: str) -> None:
