@@ -40,7 +40,8 @@ class FailOn(enum.StrEnum):
 
 
 def fail(message: str) -> NoReturn:
-    stderr.print(f"[bold red]gradaudit: error:[/bold red] {escape(message)}", soft_wrap=True)
+    """One line on stderr and exit 2; the message's control characters and markup are printed as text."""
+    stderr.print(f"[bold red]gradaudit: error:[/bold red] {escape(console_report.printable(message))}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -69,7 +70,7 @@ def settings(
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]gradaudit:[/yellow] {escape(message)}", soft_wrap=True)
+    stderr.print(f"[yellow]gradaudit:[/yellow] {escape(console_report.printable(message))}", soft_wrap=True)
 
 
 def output_path(path: Path | None, flag: str) -> Path | None:

@@ -251,6 +251,7 @@ class Window:
     interrupted (Ctrl-C) | context-exit (the `with gradaudit.audit()` block ended)"""
     note: str = ""
     """How the program ended when that was not plain (sys.exit(3), os._exit, an exception), and the exit status."""
+    internal_errors: int = 0
 
 
 @dataclass

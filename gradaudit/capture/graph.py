@@ -108,10 +108,12 @@ def decompose(
             operands = operand_texts(record.expression) or ("", "")
             signs = (1.0, -1.0 if kind == "SubBackward0" else 1.0)
             inputs = list(node.next_functions)
+            addends = [i for i, (child, _) in enumerate(inputs) if child is not None or record.constant_args.get(i)]
             for index in reversed(range(len(inputs))):
                 child, child_nr = inputs[index]
+                indexed = name if len(addends) == 1 else f"{name}[{index}]"  # `0 + x` (sum()'s start) splits nothing
                 label = record.constant_names.get(index) or (
-                    operands[index] if index < len(operands) and operands[index] else f"{name}[{index}]"
+                    operands[index] if index < len(operands) and operands[index] else indexed
                 )
                 if child is None:
                     if record.constant_args.get(index) is not None:  # a tensor constant; Python scalars are harmless

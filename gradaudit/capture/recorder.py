@@ -25,6 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from gradaudit.capture.chains import ChainTracker
 from gradaudit.capture.graph import GraphView, RawTerm, decompose, walk
+from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
 from gradaudit.capture.numerics import ClampStats
 from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode
 from gradaudit.capture.source import (
@@ -33,7 +34,7 @@ from gradaudit.capture.source import (
     expression_of,
     here,
     location_of,
-    name_in_frame,
+    package_path,
     user_frame,
 )
 from gradaudit.trace import (
@@ -80,6 +81,10 @@ class _Optimizer:
     index: int
     created_at: Location | None
     name: str | None = None
+    assigned: str | None = None
+    """The name it was assigned to when created (`optimizer` for `self.optimizer = Adam(...)`)."""
+    named: bool = False
+    """Its name and its parameters' were looked for where it was first used."""
     steps: int = 0
 
 
@@ -133,20 +138,25 @@ def _guarded(method: Callable) -> Callable:
     return wrapper
 
 
-def _modules_in_scope(frame: FrameType | None) -> dict[int, tuple[str, str]]:
-    """id(parameter) -> (module variable, parameter path) for the modules a frame can see (`self.x` as `x`)."""
-    found: dict[int, tuple[str, str]] = {}
-    if frame is None:
-        return found
-    candidates = [*frame.f_globals.items(), *frame.f_locals.items()]
+def _modules_in_scope(frame: FrameType) -> list[nn.Module]:
+    """The modules a frame can see: its variables, and the attributes of a `self` that is no module."""
+    values = [*frame.f_globals.values(), *frame.f_locals.values()]
     owner = frame.f_locals.get("self")
     if owner is not None and not isinstance(owner, nn.Module):
-        candidates += list(getattr(owner, "__dict__", {}).items())
-    for name, value in candidates:
-        if isinstance(value, nn.Module) and not name.startswith("_"):
-            for pname, p in value.named_parameters():
-                found.setdefault(id(p), (name, pname))
-    return found
+        values += instance_attributes(owner).values()
+    modules = {id(value): value for value in values if issubclass(type(value), nn.Module)}
+    return list(modules.values())
+
+
+def _names_are_final(frame: FrameType) -> bool:
+    """Whether the names a frame gives are those the user types: the user's own code, outside a module's methods
+    (in a module's constructor, `self.optimizer` is `policy.optimizer` once the module is assigned)."""
+    return package_path(frame.f_code.co_filename) is None and not isinstance(frame.f_locals.get("self"), nn.Module)
+
+
+def _class_name(obj: object) -> str:
+    """What names an object nothing in the program names: its class (`ActorCriticPolicy`)."""
+    return type(obj).__name__
 
 
 def _root_name(frame: FrameType | None) -> str:
@@ -168,6 +178,8 @@ class Recorder:
         self.params: dict[int, _Param] = {}
         self.optimizers: dict[int, _Optimizer] = {}
         self.module_groups: dict[int, tuple[nn.Module, str | None]] = {}
+        self.outer_frames: frozenset[int] = frozenset()
+        """The frames that were running when the audit started: names are looked for below them."""
         self.module_inputs: deque[tuple[str, Any]] = deque(maxlen=_MAX_MODULE_INPUTS)
         self.user_term_names: dict[int, tuple[Any, str]] = {}
         self.user_constant_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -190,6 +202,7 @@ class Recorder:
     # ---------------------------------------------------------------- install / uninstall
 
     def install(self) -> None:
+        self.outer_frames = frames_on_stack()
         self._patch(torch.autograd, "backward", self._wrap_backward(torch.autograd.backward, accumulates=True))
         self._patch(torch.autograd, "grad", self._wrap_backward(torch.autograd.grad, accumulates=False))
         self._patch(torch.optim.Optimizer, "zero_grad", self._wrap_zero_grad(torch.optim.Optimizer.zero_grad))
@@ -247,21 +260,23 @@ class Recorder:
         self.module_groups[id(module)] = (module, group)
         return group
 
+    def _name(self, obj: object, frame: FrameType | None) -> str | None:
+        return attribute_path(obj, frame, self.outer_frames)
+
     def _module_name(self, module: nn.Module, frame: FrameType | None) -> str:
-        name = name_in_frame(module, frame)
+        name = self._name(module, frame)
         owner = frame.f_locals.get("self") if frame is not None else None
         if name is not None and isinstance(owner, nn.Module) and owner is not module:
-            container = name_in_frame(owner, user_frame(frame.f_back)) if frame.f_back else None
+            container = self._name(owner, frame)
             if container is not None:
                 self._name_container(owner, container)
-                return f"{container}.{name}"
         if name is not None:
             return name
         for parent, group in list(self.module_groups.values()):
             for subname, sub in parent.named_modules():
                 if sub is module and group is not None and subname:
                     return f"{group}.{subname}"
-        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(module).__name__).lower()
+        return _class_name(module)
 
     def _name_container(self, container: nn.Module, name: str) -> None:
         """Parameters held directly by a container module (CleanRL's `actor_logstd`) are named from it."""
@@ -309,14 +324,15 @@ class Recorder:
         if record is None or record.optimizer is not optimizer:
             record = _Optimizer(optimizer, len(self.optimizers), location_of(frame) if frame else None)
             self.optimizers[id(optimizer)] = record
-        if record.name is None and frame is not None:
-            record.name = name_in_frame(optimizer, frame)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 owners = self._param(p).owners
                 if record.index not in owners:
                     owners.append(record.index)
-        self._name_from_scope(optimizer, frame)
+        if frame is not None and not record.named:
+            record.named = True
+            record.name = record.name or self._name(optimizer, frame)
+            self._name_from_scope(optimizer, frame)
         return record
 
     def _wrap_optimizer_init(self, original: Callable) -> Callable:
@@ -331,28 +347,34 @@ class Recorder:
 
     @_guarded
     def _on_optimizer_created(self, optimizer: torch.optim.Optimizer) -> None:
+        """Named now when the user's own code creates it (`critic_opt = Adam(...)`); one created in a library or in
+        a module's constructor (`self.optimizer = ...` in a policy) is named where it is first used, once the
+        program can reach it (`policy.optimizer`)."""
         frame = user_frame()
         record = self._optimizer(optimizer, None)
-        record.created_at, record.name = location_of(frame), assigned_name(frame)
-        self._name_from_scope(optimizer, frame)
+        record.created_at, record.assigned = location_of(frame), assigned_name(frame)
+        if frame is not None and _names_are_final(frame):
+            record.name = record.assigned
+            self._name_from_scope(optimizer, frame)
 
-    def _name_from_scope(self, optimizer: torch.optim.Optimizer, frame: FrameType | None) -> None:
+    def _name_from_scope(self, optimizer: torch.optim.Optimizer, frame: FrameType) -> None:
         """Names parameters that no module call may ever name: from the modules and variables in scope here."""
-        unnamed = [
-            self._param(p)
+        unnamed = {
+            id(p): self._param(p)
             for group in optimizer.param_groups
             for p in group["params"]
             if self._param(p).creation_name is None and self._param(p).name is None
-        ]
-        if not unnamed or frame is None:
+        }
+        if not unnamed:
             return
-        in_scope = _modules_in_scope(frame)
-        for record in unnamed:
-            if id(record.tensor) in in_scope:
-                record.creation_group, pname = in_scope[id(record.tensor)]
-                record.creation_name = f"{record.creation_group}.{pname}"
-            else:
-                record.creation_name = name_in_frame(record.tensor, frame)
+        for module in _modules_in_scope(frame):
+            held = [(pname, unnamed.pop(id(p))) for pname, p in module.named_parameters() if id(p) in unnamed]
+            if held:
+                group = self._name(module, frame) or _class_name(module)
+                for pname, record in held:
+                    record.creation_group, record.creation_name = group, f"{group}.{pname}"
+        for record in unnamed.values():
+            record.creation_name = self._name(record.tensor, frame)
 
     def _wrap_zero_grad(self, original: Callable) -> Callable:
         recorder = self
@@ -384,7 +406,7 @@ class Recorder:
         return [self._param(p) for group in record.optimizer.param_groups for p in group["params"]]
 
     def _label(self, record: _Optimizer) -> str:
-        return record.name or f"{type(record.optimizer).__name__}#{record.index}"
+        return record.name or record.assigned or f"{_class_name(record.optimizer)}#{record.index}"
 
     @_guarded
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -733,7 +755,7 @@ class Recorder:
             return known[1]
         paths = [names[id(p)].split(".")[:-1] for p in module.parameters() if id(p) in names]
         prefix = os.path.commonprefix(paths) if paths else []
-        return ".".join(prefix) or re.sub(r"(?<!^)(?=[A-Z])", "_", type(module).__name__).lower()
+        return ".".join(prefix) or _class_name(module)
 
     def _final_names(self) -> dict[int, str]:
         names: dict[int, str] = {}

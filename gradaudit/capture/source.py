@@ -6,7 +6,9 @@ import ast
 import linecache
 import os
 import re
+import site
 import sys
+import sysconfig
 from functools import lru_cache
 from types import CodeType, FrameType
 
@@ -61,12 +63,53 @@ def here() -> Location | None:
 
 @lru_cache(maxsize=4096)
 def _display_path(filename: str, cwd: str) -> str:
-    """Relative to the working directory when the file is below it, as compilers print paths."""
+    """`stable_baselines3/ppo/ppo.py` for an installed package's file, else relative to the working directory when
+    the file is below it (as compilers print paths), else the absolute path."""
+    installed = package_path(filename) or _stdlib_path(filename)
+    if installed is not None:
+        return installed
     try:
         relative = os.path.relpath(filename, cwd)
     except ValueError:
         return filename
     return filename if relative.startswith("..") else relative
+
+
+@lru_cache(maxsize=8)
+def _package_dirs(search_path: tuple[str, ...]) -> tuple[str, ...]:
+    """The folders installed packages live in, longest first (a venv's site-packages may sit below the stdlib's)."""
+    paths = sysconfig.get_paths()
+    found = {paths["purelib"], paths["platlib"], *getattr(site, "getsitepackages", list)()}
+    found |= {entry for entry in search_path if os.path.basename(entry) in ("site-packages", "dist-packages")}
+    return tuple(sorted((os.path.abspath(d) + os.sep for d in found if d), key=len, reverse=True))
+
+
+@lru_cache(maxsize=1)
+def _stdlib_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple(sorted({os.path.abspath(paths[k]) + os.sep for k in ("stdlib", "platstdlib")}, key=len, reverse=True))
+
+
+def _below(filename: str, dirs: tuple[str, ...]) -> str | None:
+    path = os.path.abspath(filename)
+    return next((path[len(d) :] for d in dirs if path.startswith(d)), None)
+
+
+@lru_cache(maxsize=4096)
+def package_path(filename: str) -> str | None:
+    """The path inside site-packages (`stable_baselines3/ppo/ppo.py`) of an installed package's file; None otherwise."""
+    return _below(filename, _package_dirs(tuple(sys.path)))
+
+
+@lru_cache(maxsize=4096)
+def _stdlib_path(filename: str) -> str | None:
+    return None if package_path(filename) is not None else _below(filename, _stdlib_dirs())
+
+
+def is_program_frame(frame: FrameType) -> bool:
+    """A frame of the audited program or of a package it uses, not of torch, gradaudit or the standard library."""
+    filename = frame.f_code.co_filename
+    return not _is_library_file(filename) and _stdlib_path(filename) is None
 
 
 def expression_of(frame: FrameType | None) -> str:
@@ -137,33 +180,3 @@ def assigned_name(frame: FrameType | None) -> str | None:
         r"\s*(?:self\.)?([\w.]+)\s*(?::[^=]+)?=[^=]", linecache.getline(frame.f_code.co_filename, frame.f_lineno)
     )
     return match.group(1) if match else None
-
-
-def name_in_frame(obj: object, frame: FrameType | None) -> str | None:
-    """The name the user's code knows `obj` by: a local, an attribute of a local (`self.critic` -> `critic`), a global."""
-    if frame is None:
-        return None
-    scopes = (frame.f_locals, frame.f_globals)
-    for scope in scopes:
-        for name, value in scope.items():
-            if value is obj:
-                return name
-    for scope in scopes:
-        for owner_name, owner in list(scope.items()):
-            attributes = getattr(owner, "__dict__", None)
-            if not isinstance(attributes, dict) or isinstance(owner, type):
-                continue
-            attribute = _attribute_holding(obj, owner)
-            if attribute is not None:
-                return attribute if owner_name == "self" else f"{owner_name}.{attribute}"
-    return None
-
-
-def _attribute_holding(obj: object, owner: object) -> str | None:
-    attributes = vars(owner)
-    for store in (attributes, attributes.get("_modules"), attributes.get("_parameters")):
-        if isinstance(store, dict):
-            for name, value in store.items():
-                if value is obj:
-                    return name
-    return None

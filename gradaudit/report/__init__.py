@@ -19,6 +19,7 @@ Schema (version 2):
 - `exps`: one per (op, location), maxima over the passes: {op, expression, location, backwards, dtype, max_input,
   max_output, overflow}
 - `iterations`, `window` {iterations, stopped_by, note}, `program`, `optimizers`
+- `internal_errors`: errors inside gradaudit's own hooks (each skipped one measurement): non-zero, the audit is partial
 
 Non-finite numbers are written as the strings "inf", "-inf" and "nan", so the JSON stays strictly valid.
 """
@@ -153,6 +154,7 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
         "schema": "gradaudit-report",
         "version": REPORT_VERSION,
         "program": trace.program,
+        "internal_errors": trace.window.internal_errors,
         "iterations": trace.window.iterations,
         "window": {
             "iterations": trace.window.iterations,

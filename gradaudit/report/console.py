@@ -1,19 +1,50 @@
-"""The report on a terminal: findings by severity, parameter groups, then chains, term x group norms and numerics."""
+"""The report on a terminal: findings by severity, parameter groups, then chains, term x group norms and numerics.
+
+Every name, message, expression and path comes from the audited program: it is printed through `printable()`, so
+an escape sequence or a newline in a module's name cannot colour the terminal or forge a line of the report. A
+table whose text columns would be squeezed below a readable width is printed as one block per row instead
+(`path:line: CODE severity subject`, then the message indented), as ruff and mypy print diagnostics.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 _STYLES = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+_SEVERITY_WIDTH = len("warning")
+_SUBJECT_WIDTH = 20
+_MESSAGE_WIDTH = 40
+"""The narrowest a findings table may make its subject (up to its longest) and message columns; narrower, the
+findings are printed as blocks."""
+_TEXT_WIDTH = 20
+"""The same for the free-text columns of the other tables."""
+_TERMS_WIDTH = 16
+"""The narrowest column of the terms that reach a parameter group."""
+_INDENT = 4
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ud800-\udfff]")
+"""C0 and C1 controls (ESC, newline, tab, DEL), and the invisible format and separator characters that reorder or
+break a line (bidirectional overrides, zero-width spaces, line and paragraph separators)."""
 
 
-def _where(location: dict | None) -> Text:
-    return Text(f"{location['file']}:{location['line']}" if location else "-")
+def printable(text: str) -> str:
+    """`text` with every control character written as its Python escape (`\\x1b`, `\\n`, `\\u202e`): safe to print."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _text(value: str, style: str = "") -> Text:
+    """Program-supplied text as a rich Text: escaped, never read as markup."""
+    return Text(printable(value), style=style)
+
+
+def _where(location: dict | None) -> str:
+    return f"{location['file']}:{location['line']}" if location else "-"
 
 
 def _number(value: float | str | None, suffix: str = "") -> str:
@@ -27,49 +58,168 @@ def _percent(fraction: float | str | None) -> str:
     return _number(fraction if isinstance(fraction, str) or fraction is None else 100 * fraction, "%")
 
 
-def _titled(title: str) -> Table:
-    """A table at least as wide as its title, so that the title stays on one line."""
-    return Table(title=escape(title), min_width=len(title))
+def _fits(console: Console, fixed: Iterable[int], flexible: Iterable[int]) -> bool:
+    """Whether a table whose columns are `fixed` wide, and whose text columns need `flexible`, fits the console."""
+    widths = [*fixed, *flexible]
+    return sum(widths) + 3 * len(widths) + 1 <= console.width
 
 
-def _chains(report: dict[str, Any]) -> Table:
-    table = _titled("chains: gradient growth from a repeated module's last call back to its first")
-    table.add_column("module", overflow="fold")
-    for column in ("calls", "carrying", "growth", "per step", "1st share"):
-        table.add_column(column, justify="right", no_wrap=column == "growth")
+def _titled(console: Console, title: str) -> Table:
+    """A table at least as wide as its title (up to the console's width), so that the title stays on one line."""
+    return Table(title=_text(title), min_width=min(len(printable(title)), console.width))
+
+
+def _heading(console: Console, title: str) -> None:
+    console.print(_text(title, "bold"))
+
+
+def _wrapped(console: Console, text: Text, indent: int, hanging: int) -> None:
+    """`text` wrapped to the console: its first line indented by `indent`, the others by `hanging`; no trailing blanks."""
+    first, *more = text.wrap(console, console.width - indent, overflow="fold")
+    first.rstrip()
+    console.print(Text(" " * indent) + first, soft_wrap=True)
+    if more:
+        rest = text[len(first.plain) :]
+        rest = rest[len(rest.plain) - len(rest.plain.lstrip()) :]
+        for line in rest.wrap(console, max(console.width - hanging, 1), overflow="fold"):
+            line.rstrip()
+            console.print(Text(" " * hanging) + line, soft_wrap=True)
+
+
+def _block(console: Console, head: Text, *lines: Text) -> None:
+    """One row as a block: its head line, then each line indented (wrapped lines keep the indent)."""
+    _wrapped(console, head, 0, _INDENT)
+    for line in lines:
+        _wrapped(console, line, _INDENT, _INDENT)
+
+
+def _findings(console: Console, findings: list[dict[str, Any]]) -> None:
+    ordered = [f for severity in ("error", "warning", "info") for f in findings if f["severity"] == severity]
+    title = f"{len(findings)} finding(s)"
+    location_width = max(len(printable(_where(f["location"]))) for f in findings)
+    subject_width = min(max(len(printable(f["subject"])) for f in findings), _SUBJECT_WIDTH)
+    if not _fits(console, [_SEVERITY_WIDTH, location_width], [subject_width, _MESSAGE_WIDTH]):
+        _heading(console, title)
+        for number, f in enumerate(ordered):
+            if number:
+                console.print()
+            head = Text.assemble(
+                _text(_where(f["location"]) + ": ", "bold"),
+                _text(f"{f['rule']} {f['severity']}", _STYLES[f["severity"]]),
+                " ",
+                _text(f["subject"]),
+            )
+            _block(console, head, _text(f["message"]), _text("hint: " + f["hint"], "dim"))
+        return
+    table = Table(title=title, show_lines=True, expand=True)
+    table.add_column("code", no_wrap=True)
+    table.add_column("subject", width=subject_width, overflow="fold")
+    table.add_column("message", ratio=1, overflow="fold")
     table.add_column("location", no_wrap=True)
-    for chain in report["chains"]:
-        amplification = _number(chain["amplification"], "x")
-        if chain["backwards"] > 1 and chain["min_amplification"] != chain["amplification"]:
-            amplification += f" (min {_number(chain['min_amplification'], 'x')})"
+    for f in ordered:
         table.add_row(
-            Text(chain["module"]),
-            str(chain["calls"]),
-            str(chain["carried"]),
-            amplification,
-            _number(chain["per_step"], "x"),
-            _percent(chain["first_share"]),
-            _where(chain["location"]),
+            _code_cell(f),
+            _text(f["subject"]),
+            Text.assemble(_text(f["message"]), "\n", _text("hint: " + f["hint"], "dim")),
+            _text(_where(f["location"])),
         )
-    return table
+    console.print(table)
 
 
-def _matrix(entry: dict[str, Any]) -> Table:
-    table = _titled(f"term × group gradient norms, backward at {_where(entry['backward'])}")
-    table.add_column("term")
-    for group in entry["groups"]:
-        table.add_column(Text(group), justify="right")
-    for row in entry["rows"]:
-        table.add_row(Text(row["term"]), *(_number(row["norms"].get(group)) for group in entry["groups"]))
-    return table
+def _code_cell(finding: dict[str, Any]) -> Text:
+    style = _STYLES[finding["severity"]]
+    return Text.assemble(_text(finding["rule"], style), "\n", _text(finding["severity"], style))
 
 
-def _numerics(report: dict[str, Any]) -> Table:
-    table = Table(title="clamps and exp (worst over the backward passes)", expand=True)
-    table.add_column("op", no_wrap=True)
-    table.add_column("expression", ratio=2)
-    table.add_column("what", ratio=3)
+def _groups(console: Console, report: dict[str, Any]) -> None:
+    title = "parameter groups"
+    rows = [
+        (
+            g["group"] + ("" if g["trainable"] else " (frozen)"),
+            str(g["tensors"]),
+            _number(g["grad_norm"]),
+            ", ".join(g["optimizers"]) or "none",
+            ", ".join(g["reached_by"]) or "-",
+        )
+        for g in report["groups"]
+    ]
+    names = [min(max((len(printable(row[i])) for row in rows), default=0), _TEXT_WIDTH) for i in (0, 3)]
+    if not _fits(console, [len("tensors"), len("grad norm")], [*names, _TERMS_WIDTH]):
+        _heading(console, title)
+        for group, tensors, norm, optimizers, reached_by in rows:
+            facts = f": {tensors} tensor(s), grad norm {norm}, optimizer(s) {optimizers}, reached by {reached_by}"
+            _wrapped(console, Text.assemble(_text(group, "bold"), _text(facts)), 0, _INDENT)
+        return
+    table = Table(title=title, expand=True)
+    for column in ("group", "tensors", "grad norm", "optimizer(s)", "reached by"):
+        numeric = column in ("tensors", "grad norm")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric)
+    for group, tensors, norm, optimizers, reached_by in rows:
+        table.add_row(_text(group), tensors, norm, _text(optimizers), _text(reached_by))
+    console.print(table)
+
+
+def _growth(chain: dict[str, Any]) -> str:
+    growth = _number(chain["amplification"], "x")
+    if chain["backwards"] > 1 and chain["min_amplification"] != chain["amplification"]:
+        growth += f" (min {_number(chain['min_amplification'], 'x')})"
+    return growth
+
+
+def _chains(console: Console, report: dict[str, Any]) -> None:
+    title = "chains: gradient growth from a repeated module's last call back to its first"
+    columns = ("calls", "carrying", "growth", "per step", "1st share")
+    rows = [
+        (
+            chain,
+            (
+                str(chain["calls"]),
+                str(chain["carried"]),
+                _growth(chain),
+                _number(chain["per_step"], "x"),
+                _percent(chain["first_share"]),
+            ),
+        )
+        for chain in report["chains"]
+    ]
+    fixed = [max(len(column), *(len(cells[i]) for _, cells in rows)) for i, column in enumerate(columns)]
+    location_width = max(len(printable(_where(chain["location"]))) for chain, _ in rows)
+    if not _fits(console, [*fixed, location_width], [_TEXT_WIDTH]):
+        _heading(console, title)
+        for chain, cells in rows:
+            head = Text.assemble(_text(_where(chain["location"]) + ": ", "bold"), _text(chain["module"]))
+            _block(console, head, Text(", ".join(f"{c} {v}" for c, v in zip(columns, cells, strict=True))))
+        return
+    table = _titled(console, title)
+    table.add_column("module", overflow="fold")
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
     table.add_column("location", no_wrap=True)
+    for chain, cells in rows:
+        table.add_row(_text(chain["module"]), *cells, _text(_where(chain["location"])))
+    console.print(table)
+
+
+def _matrix(console: Console, entry: dict[str, Any]) -> None:
+    title = f"term × group gradient norms, backward at {_where(entry['backward'])}"
+    groups = entry["groups"]
+    if not _fits(console, [max(len(printable(g)), 6) for g in groups], [_TEXT_WIDTH]):
+        _heading(console, title)
+        for row in entry["rows"]:
+            norms = ", ".join(f"{group} {_number(row['norms'][group])}" for group in groups if group in row["norms"])
+            _block(console, _text(row["term"], "bold"), _text(norms))
+        return
+    table = _titled(console, title)
+    table.add_column("term", overflow="fold")
+    for group in groups:
+        table.add_column(_text(group), justify="right")
+    for row in entry["rows"]:
+        table.add_row(_text(row["term"]), *(_number(row["norms"].get(group)) for group in groups))
+    console.print(table)
+
+
+def _numerics(console: Console, report: dict[str, Any]) -> None:
+    rows: list[tuple[str, str, str, dict | None]] = []
     for clamp in report["clamps"]:
         outside = [
             f"{_percent(clamp[side])} {side} {_number(clamp[bound])}"
@@ -77,62 +227,57 @@ def _numerics(report: dict[str, Any]) -> Table:
             if clamp[bound] is not None
         ]
         what = f"{_percent(clamp['saturated'])} of {clamp['elements']} elements at a bound ({', '.join(outside)})"
-        gate = " (gate)" if clamp["gate"] else ""
-        table.add_row(clamp["op"] + gate, Text(clamp["expression"]), what, _where(clamp["location"]))
+        rows.append((clamp["op"] + (" (gate)" if clamp["gate"] else ""), clamp["expression"], what, clamp["location"]))
     for exp in report["exps"]:
         what = (
             f"max input {_number(exp['max_input'])}, max output {_number(exp['max_output'])} "
             f"({exp['dtype']}), {exp['overflow']} overflowed"
         )
-        table.add_row(exp["op"], Text(exp["expression"]), what, _where(exp["location"]))
-    return table
+        rows.append((exp["op"], exp["expression"], what, exp["location"]))
+    title = "clamps and exp (worst over the backward passes)"
+    op_width = max(len(printable(op)) for op, *_ in rows)
+    location_width = max(len(printable(_where(location))) for *_, location in rows)
+    if not _fits(console, [op_width, location_width], [_TEXT_WIDTH, _TEXT_WIDTH]):
+        _heading(console, title)
+        for op, expression, what, location in rows:
+            head = Text.assemble(_text(_where(location) + ": ", "bold"), _text(op), " ", _text(expression))
+            _block(console, head, _text(what))
+        return
+    table = Table(title=title, expand=True)
+    table.add_column("op", no_wrap=True)
+    table.add_column("expression", ratio=2, overflow="fold")
+    table.add_column("what", ratio=3)
+    table.add_column("location", no_wrap=True)
+    for op, expression, what, location in rows:
+        table.add_row(_text(op), _text(expression), _text(what), _text(_where(location)))
+    console.print(table)
 
 
-def render(report: dict[str, Any], stream: TextIO) -> None:
-    console = Console(file=stream, width=max(100, Console(file=stream).width), highlight=False)
-    findings = report["findings"]
+def render(report: dict[str, Any], stream: TextIO, width: int | None = None) -> None:
+    """Prints the report at `width` columns (default: the terminal's, or $COLUMNS, or 80)."""
+    console = Console(file=stream, width=width, highlight=False, emoji=False)
     window = report["window"]
     console.print(
         Text.assemble(
             ("gradaudit ", "bold"),
-            f"{report['program']}: {window['iterations']} iteration(s) audited ({window['stopped_by']})",
-            (f" — {window['note']}" if window["note"] else ""),
+            _text(f"{report['program']}: {window['iterations']} iteration(s) audited ({window['stopped_by']})"),
+            _text(f" — {window['note']}" if window["note"] else ""),
         )
     )
-    if findings:
-        table = Table(title=f"{len(findings)} finding(s)", show_lines=True, expand=True)
-        table.add_column("code", no_wrap=True)
-        table.add_column("subject", ratio=1)
-        table.add_column("message", ratio=3)
-        table.add_column("location", no_wrap=True)
-        for severity in ("error", "warning", "info"):
-            for f in (f for f in findings if f["severity"] == severity):
-                table.add_row(
-                    Text(f"{f['rule']}\n{f['severity']}", style=_STYLES[severity]),
-                    Text(f["subject"]),
-                    Text.assemble(f["message"], ("\nhint: " + f["hint"], "dim")),
-                    _where(f["location"]),
-                )
-        console.print(table)
-    else:
-        console.print("[green]no findings[/green]")
-    groups = Table(title="parameter groups", expand=True)
-    for column in ("group", "tensors", "grad norm", "optimizer(s)", "reached by"):
-        groups.add_column(column, justify="right" if column in ("tensors", "grad norm") else "left")
-    for g in report["groups"]:
-        frozen = "" if g["trainable"] else " (frozen)"
-        groups.add_row(
-            Text(g["group"] + frozen),
-            str(g["tensors"]),
-            _number(g["grad_norm"]),
-            Text(", ".join(g["optimizers"]) or "none"),
-            Text(", ".join(g["reached_by"]) or "-"),
+    internal_errors = report["internal_errors"]
+    if internal_errors:
+        console.print(
+            Text(f"gradaudit: {internal_errors} internal error(s) in its hooks: the audit is partial", "bold yellow")
         )
-    console.print(groups)
+    if report["findings"]:
+        _findings(console, report["findings"])
+    else:
+        console.print(Text("no findings", "green"))
+    _groups(console, report)
     if report["chains"]:
-        console.print(_chains(report))
+        _chains(console, report)
     for entry in report["matrix"]:
         if entry["rows"]:
-            console.print(_matrix(entry))
+            _matrix(console, entry)
     if report["clamps"] or report["exps"]:
-        console.print(_numerics(report))
+        _numerics(console, report)

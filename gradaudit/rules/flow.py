@@ -38,12 +38,21 @@ def contributions(trace: Trace) -> list[Contribution]:
     return found
 
 
-def describe_group(trace: Trace, group: str, members: Iterable[str] | None = None) -> str:
-    """`obs_encoder (12 tensors)`, or the one parameter's name."""
+_LISTED_TENSORS = 5
+
+
+def describe_group(trace: Trace, group: str, members: Iterable[str] | None = None, listed: bool = False) -> str:
+    """`obs_encoder (12 tensors)`, or the one parameter's name; `listed`: which tensors, the first few by name
+    (`classifier (2 tensors: classifier.weight, classifier.bias)`, `... and 12 more`)."""
     names = list(members) if members is not None else [p.name for p in trace.groups().get(group, [])]
     if len(names) == 1 and names[0] == group:
         return group
-    return f"{group} ({len(names)} tensor{'s' if len(names) != 1 else ''})"
+    count = f"{len(names)} tensor{'s' if len(names) != 1 else ''}"
+    if not listed:
+        return f"{group} ({count})"
+    shown = names if len(names) <= _LISTED_TENSORS + 1 else names[:_LISTED_TENSORS]
+    more = f" and {len(names) - len(shown)} more" if len(shown) < len(names) else ""
+    return f"{group} ({count}: {', '.join(shown)}{more})"
 
 
 def by_group(trace: Trace, params: Iterable[Parameter]) -> dict[str, list[Parameter]]:

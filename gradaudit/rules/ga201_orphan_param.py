@@ -25,7 +25,7 @@ def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
     for group, params in by_group(trace, orphans).items():
         first = min((c for p in params for c in received[p.name]), key=lambda c: c.accumulated.seq)
         message = (
-            f"{describe_group(trace, group, [p.name for p in params])} receives gradient ({backward_text(trace, first.backward)}) "
+            f"{describe_group(trace, group, [p.name for p in params], listed=True)} receives gradient ({backward_text(trace, first.backward)}) "
             "but no optimizer holds it, so it never learns"
         )
         findings.append(RULE.finding(group, message, first.accumulated.location))

@@ -23,7 +23,7 @@ def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
         stepped = sorted({i for p in params for i in p.owners if trace.optimizers[i].steps > 0})
         owner = trace.optimizers[stepped[0]]
         message = (
-            f"{describe_group(trace, group, [p.name for p in params])} is held by {optimizer_text(trace, owner.index)}, "
+            f"{describe_group(trace, group, [p.name for p in params], listed=True)} is held by {optimizer_text(trace, owner.index)}, "
             f"which stepped {owner.steps} time{'s' if owner.steps != 1 else ''}, but no backward pass in the window "
             "reached it: it is never trained"
         )

@@ -1,4 +1,8 @@
+from gradaudit.rules import run_rules
+from gradaudit.trace import Backward, GradEvent, Location, Parameter, Trace, Window
 from tests.conftest import fixture_line
+
+LOSS_LINE = Location("train.py", 12)
 
 
 def test_encoder_in_actor_optimizer_discards_the_critic_gradient(gradaudit_cli):
@@ -17,7 +21,8 @@ def test_encoder_in_no_optimizer_is_an_orphan(gradaudit_cli):
     result = gradaudit_cli("run", "encoder_layout.py", "--", "--layout", "encoder-orphan")
     (finding,) = result.findings("GA201")
     assert finding["subject"] == "obs_encoder"
-    assert "obs_encoder (4 tensors)" in finding["message"]
+    tensors = "obs_encoder.0.weight, obs_encoder.0.bias, obs_encoder.2.weight, obs_encoder.2.bias"
+    assert f"obs_encoder (4 tensors: {tensors}) receives gradient" in finding["message"]
     assert finding["location"]["line"] == fixture_line("encoder_layout.py", "GA201-here")
     assert result.findings("GA203") == []
 
@@ -39,3 +44,18 @@ def test_temperature_parameter_is_named_from_its_variable(gradaudit_cli):
     result = gradaudit_cli("run", "sac_actor_critic.py")
     groups = {g["group"]: g for g in result.report["groups"]}
     assert groups["log_alpha"]["optimizers"] == ["alpha_optimizer"]
+
+
+def test_orphan_message_names_the_first_tensors_and_counts_the_rest():
+    names = [f"classifier.{layer}.{kind}" for layer in range(6) for kind in ("weight", "bias")]
+    trace = Trace(
+        program="train.py",
+        window=Window(1, "iterations"),
+        parameters=[Parameter(name, "classifier", [2], True) for name in names],
+        backwards=[Backward(0, LOSS_LINE, True, True, [], ["classifier"])],
+        events=[GradEvent(seq, "accumulate", name, backward=0, norm=1.0) for seq, name in enumerate(names)],
+    )
+    (finding,) = run_rules(trace, select=["GA201"])
+    shown = ", ".join(names[:5])
+    assert (finding.subject, finding.location) == ("classifier", None)
+    assert finding.message.startswith(f"classifier (12 tensors: {shown} and 7 more) receives gradient")

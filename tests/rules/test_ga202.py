@@ -5,6 +5,8 @@ def test_unused_head_in_optimizer(gradaudit_cli):
     result = gradaudit_cli("run", "unused_head.py", "--", "--bug")
     (finding,) = result.findings("GA202")
     assert finding["subject"] == "value_head"
+    tensors = "value_head.0.weight, value_head.0.bias, value_head.2.weight, value_head.2.bias"
+    assert finding["message"].startswith(f"value_head (4 tensors: {tensors}) is held by Adam 'optimizer'")
     assert "optimizer" in finding["message"] and "stepped" in finding["message"]
     assert finding["location"]["line"] == fixture_line("unused_head.py", "GA202-here")
 
