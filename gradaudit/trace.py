@@ -246,6 +246,8 @@ class Window:
     stopped_by: str
     """iterations | program-end | cap | exception | context-exit"""
     note: str = ""
+    internal_errors: int = 0
+    """Errors inside gradaudit's own hooks during the window: when non-zero, the audit is partial."""
 
 
 @dataclass
