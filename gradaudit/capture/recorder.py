@@ -578,7 +578,7 @@ class Recorder:
             owned = recorder._on_zero_grad(args[0])
             with recorder.mode.quiet():
                 result = original(*args, **kwargs)
-            recorder._refresh(owned or [])
+                recorder._refresh(owned or [])
             return result
 
         return zero_grad
@@ -610,6 +610,7 @@ class Recorder:
             return None
         if not self._admit(inside_step=True):
             return None
+        self._pause_for_step()
         frame = user_frame()
         record = self._optimizer(optimizer, frame)
         self._checkpoint(location_of(frame))
@@ -620,14 +621,19 @@ class Recorder:
             if self._window_done:
                 self._raise_stop()
         self._stepped_this_iteration.add(record.index)
-        self._pause_for_step()
         return self._observed_closure(optimizer, args, kwargs)
 
     @_guarded
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if not self._recording():
             return
-        self._resume_after_step()
+        try:
+            self._note_step(optimizer)
+        finally:
+            self._resume_after_step()
+
+    @_guarded
+    def _note_step(self, optimizer: torch.optim.Optimizer) -> None:
         record = self._optimizer(optimizer, user_frame())
         record.steps += 1
         location = here()
@@ -692,8 +698,9 @@ class Recorder:
     # ---------------------------------------------------------------- provenance inside optimizers
 
     def _pause_for_step(self) -> None:
-        """An optimizer's own ops are not the program's: provenance stops observing from a step's pre-hook to its
-        post-hook (10,000 parameter tensors would otherwise make every step thousands of observed ops)."""
+        """An optimizer's own ops (and gradaudit's reads around them) are not the program's: provenance stops
+        observing from a step's pre-hook to the end of its post-hook (10,000 parameter tensors would otherwise make
+        every step tens of thousands of observed ops)."""
         if self._steps_open == 0:
             self._paused_before_step, self.mode.paused = self.mode.paused, True
         self._steps_open += 1
