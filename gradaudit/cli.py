@@ -167,7 +167,7 @@ def run(
     audited iterations (sys.exit(3), os._exit(3); 1 for an uncaught exception or sys.exit("message"), as in
     Python), gradaudit reports what it saw and exits with that status, so a failing program never passes.
     """
-    from gradaudit.capture import Audit
+    from gradaudit.capture import Audit, InstallError
     from gradaudit.runner import ProgramNotFound, run_program
 
     config = settings(select, ignore, fail_on, option, iterations)
@@ -198,7 +198,7 @@ def run(
 
     try:
         outcome = run_program(audit, program, args, as_module, conclude)
-    except ProgramNotFound as exc:
+    except (ProgramNotFound, InstallError) as exc:
         fail(str(exc))
     raise typer.Exit(conclude(outcome))
 
@@ -236,7 +236,7 @@ def how_it_ended(outcome: Outcome, iterations: int) -> str:
     """The report's note: how the window closed and how the program ended, with the exit status it implies."""
     parts = []
     if outcome.stopped_by == "cap":
-        parts.append("window capped before every optimizer stepped")
+        parts.append("window capped: not every optimizer stepped, or backward calls went on without a step")
     if outcome.stop_swallowed:
         parts.append(
             f"the program caught gradaudit's stop after {iterations} iteration(s) and ran on unaudited to its end"

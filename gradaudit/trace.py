@@ -252,6 +252,7 @@ class Window:
     note: str = ""
     """How the program ended when that was not plain (sys.exit(3), os._exit, an exception), and the exit status."""
     internal_errors: int = 0
+    """Errors inside gradaudit's own hooks during the window: when non-zero, the audit is partial."""
 
 
 @dataclass

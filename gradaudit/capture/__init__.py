@@ -7,19 +7,21 @@ from types import TracebackType
 
 import torch
 
-from gradaudit.capture.recorder import Recorder, StopAudit
+from gradaudit.capture.recorder import InstallError, Recorder, StopAudit
 from gradaudit.findings import Finding
 from gradaudit.rules import options_by_rule, run_rules
 from gradaudit.trace import Trace
 
-__all__ = ["Audit", "StopAudit"]
+__all__ = ["Audit", "InstallError", "StopAudit"]
 
 
 class Audit:
     """`with Audit() as a: train_step()` records every backward, optimizer step and gradient wipe inside.
 
-    `iterations` (CLI mode) ends the window from inside the program by raising `StopAudit` once that many
-    iterations have completed and every optimizer seen has stepped (or `window_cap` more iterations passed).
+    `iterations` (CLI mode) ends the window from inside the program by raising `StopAudit` at its next forward,
+    backward, zero_grad or optimizer step once that many iterations have completed and every optimizer seen has
+    stepped (or the window was capped: `Recorder` says how iterations are counted). Entering installs every patch
+    and hook or, raising `InstallError`, none.
     """
 
     def __init__(

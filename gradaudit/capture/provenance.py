@@ -146,19 +146,20 @@ class ProvenanceMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
         name = op_name(func)
         stats = None
-        if not self.paused and name in MEASURED and torch.is_grad_enabled() and (name not in GATES or called_by_user()):
+        if name in MEASURED and torch.is_grad_enabled() and (name not in GATES or called_by_user()):
             try:
                 stats = measure(name, args, kwargs)
             except Exception:  # noqa: BLE001 - observing must never break the user's program
                 self.errors += 1
         result = func(*args, **kwargs)
-        if not self.paused:
-            try:
-                self._observe(func, name, args, kwargs, result, stats)
-            except Exception:  # noqa: BLE001
-                self.errors += 1
+        try:
+            self._observe(func, name, args, kwargs, result, stats)
+        except Exception:  # noqa: BLE001
+            self.errors += 1
         return result
 
     def _observe(self, func, name, args, kwargs, result, stats) -> None:

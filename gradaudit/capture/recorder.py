@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import math
 import os
 import re
+import sys
+import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from gradaudit.capture.chains import ChainTracker
 from gradaudit.capture.graph import GraphView, RawTerm, decompose, walk
 from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
+from gradaudit.capture.magnitude import all_finite, all_zero, norm, same_values, squared_norm
 from gradaudit.capture.numerics import ClampStats
 from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode
 from gradaudit.capture.source import (
@@ -62,6 +67,39 @@ class StopAudit(BaseException):
     """Raised inside the audited program once the window is complete (BaseException: `except Exception` lets it pass)."""
 
 
+class InstallError(RuntimeError):
+    """The audit could not be started; nothing of it was left installed."""
+
+
+_INSTALLED: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def _uninstall_all() -> None:
+    """A forked child (hogwild worker, DataLoader worker) runs unaudited: it drops everything the parent installed."""
+    for recorder in list(_INSTALLED):
+        recorder.uninstall()
+
+
+@functools.cache
+def _uninstall_in_forked_children() -> None:
+    """Registered once per process, at the first install (importing gradaudit changes nothing)."""
+    os.register_at_fork(after_in_child=_uninstall_all)
+
+
+def _take_off_stack(mode: ProvenanceMode) -> bool:
+    """Takes the mode off this thread's stack wherever it sits (a `with torch.device(...)` entered during the audit
+    sits above it); False when it is not there: torch pops a mode while its own `__torch_function__` runs (a
+    backward called through `Tensor.backward`), and a mode on another thread's stack cannot be reached."""
+    if not any(entry is mode for entry in torch.overrides._get_current_function_mode_stack()):
+        return False
+    above = []
+    while (top := torch.overrides._pop_mode()) is not mode:
+        above.append(top)
+    for entry in reversed(above):
+        torch.overrides._push_mode(entry)
+    return True
+
+
 @dataclass
 class _Param:
     tensor: torch.Tensor
@@ -86,6 +124,8 @@ class _Optimizer:
     named: bool = False
     """Its name and its parameters' were looked for where it was first used."""
     steps: int = 0
+    stepped_elsewhere: bool = False
+    """Stepped by another thread (not counted in `steps`, which are the audited thread's)."""
 
 
 @dataclass
@@ -125,7 +165,8 @@ class _BackwardRecord:
 
 
 def _guarded(method: Callable) -> Callable:
-    """Hooks run inside the user's program: an internal error is counted, never raised (StopAudit passes)."""
+    """Hooks run inside the user's program, its autograd and its optimizers: an internal error is counted, never
+    raised (StopAudit passes)."""
 
     @functools.wraps(method)
     def wrapper(self: Recorder, *args: Any, **kwargs: Any) -> Any:
@@ -136,6 +177,27 @@ def _guarded(method: Callable) -> Callable:
             return None
 
     return wrapper
+
+
+def _one_optimizer(a: Any, b: Any) -> bool:
+    """Whether two optimizer objects are views of one optimizer: the same parameter-group list (or the same group
+    dicts) and the same state object."""
+    try:
+        groups_a, groups_b = a.param_groups, b.param_groups
+        same_groups = groups_a is groups_b or (
+            len(groups_a) == len(groups_b) > 0 and all(x is y for x, y in zip(groups_a, groups_b, strict=True))
+        )
+        return same_groups and a.state is b.state
+    except Exception:  # noqa: BLE001 - a wrapper whose attributes cannot be read is not this optimizer
+        return False
+
+
+def _takes_closure_first(optimizer: torch.optim.Optimizer) -> bool:
+    try:
+        names = list(inspect.signature(type(optimizer).step).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names[1:2] == ["closure"]
 
 
 def _modules_in_scope(frame: FrameType) -> list[nn.Module]:
@@ -169,6 +231,27 @@ def _root_name(frame: FrameType | None) -> str:
 
 
 class Recorder:
+    """Records one audited window of training.
+
+    The window (CLI mode, `iterations` set) is counted in iterations. An iteration ends when an optimizer steps a
+    second time since the last iteration ended (the optimizers that stepped in between are that iteration's), or
+    as soon as every optimizer of the previous iteration has stepped again. So a calibration optimizer that steps
+    once, or one that stops stepping, belongs to one iteration and cannot hold the window open. The window is
+    complete once `iterations` iterations ended and every optimizer seen has stepped (in any thread), or, capped,
+    after `window_cap` more iterations, or once backward calls go on without an optimizer step for `window_cap`
+    times the most backward calls seen between two steps (`_BACKWARDS_WITHOUT_STEP` before the first step; a
+    program that has no optimizer at all ends its window after `_BACKWARDS_WITHOUT_STEP` backward calls).
+
+    The program is then stopped, once, by raising `StopAudit` at its next forward, backward, zero_grad or optimizer
+    step. A program that swallows it (a bare `except:`) is let go: everything is uninstalled, it runs on unaudited,
+    `stop_swallowed` is set, and the window gathered so far is what gets reported.
+
+    Only the process and thread that installed the recorder are audited. Hooks called in other threads pass
+    through, unrecorded and never stopped: an optimizer they step counts as stepped for the window (but not in the
+    Trace), and a gradient they leave on a parameter that an audited step then applies is recorded as received,
+    so that what other threads train is never reported as untrained. A forked child uninstalls everything.
+    """
+
     def __init__(self, iterations: int | None = None, term_grads: bool = True, window_cap: int = 20) -> None:
         self.iterations_wanted = iterations
         """None: the window is the `with` block (API mode), which may use optimizers created before it."""
@@ -190,45 +273,142 @@ class Recorder:
         self.measured: list[tuple[Measured, int]] = []
         self.nonfinite_origins: list[tuple[NonFiniteCandidate, int]] = []
         self._clock_at_last_step = 0
-        self.primary: int | None = None
         self.iterations = 0
         self.stopped_by = "context-exit"
-        self.stop_swallowed = False
         self.internal_errors = 0
+        self.stop_swallowed = False
+        """The program caught the StopAudit raised at the end of the window and went on, unaudited."""
+        self.foreign_backwards = 0
+        """Backward calls made in other threads of the audited process (not recorded)."""
+        self._optimizer_aliases: dict[int, tuple[Any, _Optimizer]] = {}
+        self._stepped_this_iteration: set[int] = set()
+        self._stepped_last_iteration: set[int] = set()
+        self._backwards_at_last_step = 0
+        self._most_backwards_between_steps = 0
+        self._window_done = False
+        self._stop: StopAudit | None = None
+        self._steps_open = 0
+        self._paused_before_step = False
+        self._closures_open = 0
         self._depth = 0
         self._in_backward = False
+        self._installed = False
+        self._mode_on_stack = False
+        self._pid = 0
+        self._thread = 0
         self._undo: list[Callable[[], None]] = []
 
     # ---------------------------------------------------------------- install / uninstall
 
     def install(self) -> None:
+        """Installs every patch and hook, or, when any step fails, none (the error says why)."""
         self.outer_frames = frames_on_stack()
-        self._patch(torch.autograd, "backward", self._wrap_backward(torch.autograd.backward, accumulates=True))
-        self._patch(torch.autograd, "grad", self._wrap_backward(torch.autograd.grad, accumulates=False))
-        self._patch(torch.optim.Optimizer, "zero_grad", self._wrap_zero_grad(torch.optim.Optimizer.zero_grad))
-        self._patch(torch.optim.Optimizer, "__init__", self._wrap_optimizer_init(torch.optim.Optimizer.__init__))
-        for handle in (
-            optimizer_module.register_optimizer_step_pre_hook(self._before_step),
-            optimizer_module.register_optimizer_step_post_hook(self._after_step),
-            nn.modules.module.register_module_forward_pre_hook(self._before_forward),
-            nn.modules.module.register_module_forward_hook(self._after_forward, always_call=True),
+        try:
+            self._install()
+        except BaseException as exc:
+            self.uninstall()
+            if not isinstance(exc, Exception):
+                raise
+            raise InstallError(f"gradaudit could not start the audit ({type(exc).__name__}: {exc})") from exc
+
+    def _install(self) -> None:
+        self._installed, self._pid, self._thread = True, os.getpid(), threading.get_ident()
+        _INSTALLED.add(self)
+        self._undo.append(lambda: _INSTALLED.discard(self))
+        _uninstall_in_forked_children()
+        self._patch(torch.autograd, "backward", functools.partial(self._wrap_backward, accumulates=True))
+        self._patch(torch.autograd, "grad", functools.partial(self._wrap_backward, accumulates=False))
+        self._patch(torch.optim.Optimizer, "zero_grad", self._wrap_zero_grad)
+        self._patch(torch.optim.Optimizer, "__init__", self._wrap_optimizer_init)
+        for register, hook, options in (
+            (optimizer_module.register_optimizer_step_pre_hook, self._before_step, {}),
+            (optimizer_module.register_optimizer_step_post_hook, self._after_step, {}),
+            (nn.modules.module.register_module_forward_pre_hook, self._before_forward, {}),
+            (nn.modules.module.register_module_forward_hook, self._after_forward, {"always_call": True}),
         ):
-            self._undo.append(handle.remove)
+            self._undo.append(register(hook, **options).remove)
         if self.iterations_wanted is None:
-            for obj in gc.get_objects():
-                if issubclass(type(obj), torch.optim.Optimizer):  # type(): no __getattr__ on lazy proxies
-                    self._optimizer(obj, None)
+            self._adopt_live_optimizers()
         self.mode.__enter__()
-        self._undo.append(lambda: self.mode.__exit__(None, None, None))
+        self._mode_on_stack = True
+
+    def _adopt_live_optimizers(self) -> None:
+        """API mode: optimizers created before the `with` block are known from the start (a half-constructed one,
+        kept alive by a traceback, has no parameter groups yet and is left out)."""
+        for obj in gc.get_objects():
+            if not issubclass(type(obj), torch.optim.Optimizer):  # type(): no __getattr__ on lazy proxies
+                continue
+            try:
+                groups = obj.param_groups
+            except Exception:  # noqa: BLE001 - a wrapper whose __getattr__ fails before its __init__ ran
+                continue
+            if isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups):
+                self._optimizer(obj, None)
 
     def uninstall(self) -> None:
+        """Removes everything installed; callable more than once, from any hook but a step's. A provenance mode
+        that cannot be reached now stays on the stack, inert, until the next call (the end of the audit)."""
+        self._installed = False
+        if self._mode_on_stack:
+            self.mode.paused = True
+            self._mode_on_stack = not _take_off_stack(self.mode)
         while self._undo:
-            self._undo.pop()()
+            undo = self._undo.pop()
+            try:
+                undo()
+            except Exception:  # noqa: BLE001 - every other step must still run
+                self.internal_errors += 1
 
-    def _patch(self, owner: Any, attribute: str, replacement: Callable) -> None:
+    def _patch(self, owner: Any, attribute: str, make: Callable[[Callable], Callable]) -> None:
         original = owner.__dict__[attribute]
-        setattr(owner, attribute, replacement)
+        setattr(owner, attribute, make(original))
         self._undo.append(lambda: setattr(owner, attribute, original))
+
+    def internal_errors_total(self) -> int:
+        """Errors inside gradaudit's own hooks and op observation: a non-zero count means the audit is partial."""
+        return self.internal_errors + self.mode.errors
+
+    # ---------------------------------------------------------------- who is audited
+
+    def _audited_thread(self) -> bool:
+        return self._installed and threading.get_ident() == self._thread and os.getpid() == self._pid
+
+    def _foreign_thread(self) -> bool:
+        """A hook called in another thread of the audited process: it passes through, unrecorded, never stopped."""
+        return self._installed and threading.get_ident() != self._thread and os.getpid() == self._pid
+
+    def _recording(self) -> bool:
+        return self._audited_thread() and self._stop is None
+
+    def _admit(self, inside_step: bool = False) -> bool:
+        """Whether this entry into a hook is to be recorded. Raises StopAudit once the window is complete, and once
+        only: at the next entry the program has either let it go by (still unwinding: a `finally`, an `__exit__`)
+        or swallowed it, and then it is uninstalled (from a step's hook, whose hook table is being iterated, that is
+        left to the next forward, backward or zero_grad, or to the end of the audit)."""
+        if not self._audited_thread():
+            return False
+        if self._stop is not None:
+            if not self.stop_swallowed and not self._stop_unwinding():
+                self.stop_swallowed = True
+            if self.stop_swallowed and not inside_step:
+                self.uninstall()
+            return False
+        if self._window_done and not self._in_backward:
+            self._raise_stop()
+        if not inside_step:
+            self._close_abandoned_steps()
+        return True
+
+    def _stop_unwinding(self) -> bool:
+        """Whether the stop is the exception being handled here, or the cause of it (`except: raise Other`)."""
+        exc = sys.exc_info()[1]
+        while exc is not None and exc is not self._stop:
+            exc = exc.__context__
+        return exc is not None
+
+    def _raise_stop(self) -> None:
+        self._stop = StopAudit()
+        raise self._stop
 
     # ---------------------------------------------------------------- naming
 
@@ -295,7 +475,13 @@ class Recorder:
     # ---------------------------------------------------------------- modules
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        if not self._admit():
+            return
         self._depth += 1
+        self._enter_module(module, args)
+
+    @_guarded
+    def _enter_module(self, module: nn.Module, args: tuple) -> None:
         self.chain_tracker.enter(module)
         if self._depth == 1:
             self._note_module_inputs(module, args)
@@ -310,6 +496,8 @@ class Recorder:
                 self.module_inputs.append((group, arg.grad_fn))
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._recording():
+            return
         self._depth -= 1
         self._leave_module(args, output)
 
@@ -320,8 +508,8 @@ class Recorder:
     # ---------------------------------------------------------------- optimizers
 
     def _optimizer(self, optimizer: torch.optim.Optimizer, frame: FrameType | None) -> _Optimizer:
-        record = self.optimizers.get(id(optimizer))
-        if record is None or record.optimizer is not optimizer:
+        record = self._lookup_optimizer(optimizer) or self._optimizer_it_wraps(optimizer)
+        if record is None:
             record = _Optimizer(optimizer, len(self.optimizers), location_of(frame) if frame else None)
             self.optimizers[id(optimizer)] = record
         for group in optimizer.param_groups:
@@ -335,13 +523,39 @@ class Recorder:
             self._name_from_scope(optimizer, frame)
         return record
 
+    def _lookup_optimizer(self, optimizer: torch.optim.Optimizer) -> _Optimizer | None:
+        """The record already made for this object (a read only: safe from any thread)."""
+        record = self.optimizers.get(id(optimizer))
+        if record is not None and record.optimizer is optimizer:
+            return record
+        alias = self._optimizer_aliases.get(id(optimizer))
+        return alias[1] if alias is not None and alias[0] is optimizer else None
+
+    def _optimizer_it_wraps(self, optimizer: torch.optim.Optimizer) -> _Optimizer | None:
+        """Two objects over the same parameter groups and the same state are one optimizer: Lightning's
+        LightningOptimizer and accelerate's AcceleratedOptimizer wrap a torch optimizer and share both. The record
+        keeps speaking of the wrapped one (the class a wrapper imitates is a base of the wrapper's)."""
+        for record in list(self.optimizers.values()):
+            if not _one_optimizer(record.optimizer, optimizer):
+                continue
+            wrapper = record.optimizer
+            if isinstance(wrapper, type(optimizer)) and type(wrapper) is not type(optimizer):
+                del self.optimizers[id(wrapper)]
+                record.optimizer, self.optimizers[id(optimizer)] = optimizer, record
+            else:
+                wrapper = optimizer
+            self._optimizer_aliases[id(wrapper)] = (wrapper, record)
+            return record
+        return None
+
     def _wrap_optimizer_init(self, original: Callable) -> Callable:
         recorder = self
 
         @functools.wraps(original)
-        def __init__(optimizer: torch.optim.Optimizer, params: Any, *args: Any, **kwargs: Any) -> None:
-            original(optimizer, params, *args, **kwargs)
-            recorder._on_optimizer_created(optimizer)
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            original(*args, **kwargs)
+            if args and recorder._recording():
+                recorder._on_optimizer_created(args[0])
 
         return __init__
 
@@ -380,10 +594,13 @@ class Recorder:
         recorder = self
 
         @functools.wraps(original)
-        def zero_grad(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-            owned = recorder._on_zero_grad(optimizer)
-            result = original(optimizer, *args, **kwargs)
-            recorder._refresh(owned or [])
+        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+            if not args or not recorder._admit():
+                return original(*args, **kwargs)
+            owned = recorder._on_zero_grad(args[0])
+            with recorder.mode.quiet():
+                result = original(*args, **kwargs)
+                recorder._refresh(owned or [])
             return result
 
         return zero_grad
@@ -409,26 +626,36 @@ class Recorder:
         return record.name or record.assigned or f"{_class_name(record.optimizer)}#{record.index}"
 
     @_guarded
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._foreign_thread():
+            self._note_foreign_step(optimizer)
+            return None
+        if not self._admit(inside_step=True):
+            return None
+        self._pause_for_step()
         frame = user_frame()
         record = self._optimizer(optimizer, frame)
         self._checkpoint(location_of(frame))
-        if record.index == self.primary and self._window_complete():
-            raise StopAudit
-
-    def _window_complete(self) -> bool:
-        if self.iterations_wanted is None or self.iterations < self.iterations_wanted:
-            return False
-        if all(o.steps > 0 for o in self.optimizers.values()):
-            self.stopped_by = "iterations"
-            return True
-        if self.iterations >= self.iterations_wanted + self.window_cap:
-            self.stopped_by = "cap"
-            return True
-        return False
+        if self.foreign_backwards:
+            self._note_gradients_from_other_threads(record)
+        if record.index in self._stepped_this_iteration:
+            self._end_iteration()
+            if self._window_done:
+                self._raise_stop()
+        self._stepped_this_iteration.add(record.index)
+        return self._observed_closure(optimizer, args, kwargs)
 
     @_guarded
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self._recording():
+            return
+        try:
+            self._note_step(optimizer)
+        finally:
+            self._resume_after_step()
+
+    @_guarded
+    def _note_step(self, optimizer: torch.optim.Optimizer) -> None:
         record = self._optimizer(optimizer, user_frame())
         record.steps += 1
         location = here()
@@ -439,13 +666,105 @@ class Recorder:
                 )
                 if param.snapshot is not None:
                     param.snapshot = param.tensor.detach().clone()
-        if self.primary is None:
-            self.primary = record.index
-        if record.index == self.primary:
-            self.iterations += 1
-            self.mode.forget_before(self._clock_at_last_step)
-            self.chain_tracker.forget_before(self._clock_at_last_step)
-            self._clock_at_last_step = self.mode.clock
+        between, self._backwards_at_last_step = len(self.backwards) - self._backwards_at_last_step, len(self.backwards)
+        self._most_backwards_between_steps = max(self._most_backwards_between_steps, between)
+        if self._stepped_last_iteration and self._stepped_this_iteration >= self._stepped_last_iteration:
+            self._end_iteration()
+        self._update_window()
+
+    def _note_foreign_step(self, optimizer: torch.optim.Optimizer) -> None:
+        record = self._lookup_optimizer(optimizer)
+        if record is not None:
+            record.stepped_elsewhere = True
+
+    def _note_gradients_from_other_threads(self, record: _Optimizer) -> None:
+        """A backward in another thread is not recorded, but what it leaves is: a parameter this step is about to
+        apply, whose non-zero .grad changed since gradaudit last saw it, received gradient."""
+        for param in self._owned(record):
+            grad = param.tensor.grad
+            if param.pending or grad is None or (id(grad), grad._version) == param.grad_key or all_zero(grad):
+                continue
+            self._event("accumulate", param, by="a backward in another thread", norm=norm(grad))
+            param.pending = True
+            self._refresh([param])
+
+    # ---------------------------------------------------------------- the window
+
+    def _end_iteration(self) -> None:
+        self.iterations += 1
+        self._stepped_last_iteration, self._stepped_this_iteration = self._stepped_this_iteration, set()
+        self.mode.forget_before(self._clock_at_last_step)
+        self.chain_tracker.forget_before(self._clock_at_last_step)
+        self._clock_at_last_step = self.mode.clock
+        self._update_window()
+
+    @_guarded
+    def _update_window(self) -> None:
+        """Decides whether the window is complete (see the class docstring); the stop comes at the next entry."""
+        wanted = self.iterations_wanted
+        if wanted is None or self._window_done:
+            return
+        if not self.optimizers:
+            if len(self.backwards) >= _BACKWARDS_WITHOUT_STEP:
+                self._window_done, self.stopped_by = True, "iterations"
+            return
+        stepped = any(o.steps for o in self.optimizers.values())
+        per_step = max(self._most_backwards_between_steps, 1) if stepped else _BACKWARDS_WITHOUT_STEP
+        if self.iterations >= wanted and all(o.steps or o.stepped_elsewhere for o in self.optimizers.values()):
+            self._window_done, self.stopped_by = True, "iterations"
+        elif self.iterations >= wanted + self.window_cap:
+            self._window_done, self.stopped_by = True, "cap"
+        elif len(self.backwards) - self._backwards_at_last_step >= self.window_cap * per_step:
+            self._window_done, self.stopped_by = True, "cap"
+
+    # ---------------------------------------------------------------- provenance inside optimizers
+
+    def _pause_for_step(self) -> None:
+        """An optimizer's own ops (and gradaudit's reads around them) are not the program's: provenance stops
+        observing from a step's pre-hook to the end of its post-hook (10,000 parameter tensors would otherwise make
+        every step tens of thousands of observed ops)."""
+        if self._steps_open == 0:
+            self._paused_before_step, self.mode.paused = self.mode.paused, True
+        self._steps_open += 1
+
+    def _resume_after_step(self) -> None:
+        if self._steps_open == 0:
+            return
+        self._steps_open -= 1
+        if self._steps_open == 0:
+            self.mode.paused = self._paused_before_step
+
+    def _close_abandoned_steps(self) -> None:
+        """A step that raised never reached its post-hook: the next forward, backward or zero_grad outside any
+        step closure ends its pause."""
+        if self._steps_open and not self._closures_open:
+            self._steps_open = 1
+            self._resume_after_step()
+
+    def _observed_closure(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        """The closure a step calls (L-BFGS, Lightning's training step) is the program's code: observed as usual."""
+        if callable(kwargs.get("closure")):
+            return args, {**kwargs, "closure": self._observing(kwargs["closure"])}
+        if len(args) > 1 and callable(args[1]) and _takes_closure_first(optimizer):
+            return (args[0], self._observing(args[1]), *args[2:]), kwargs
+        return None
+
+    def _observing(self, closure: Callable) -> Callable:
+        recorder = self
+
+        @functools.wraps(closure)
+        def observed(*args: Any, **kwargs: Any) -> Any:
+            recorder._closures_open += 1
+            paused, recorder.mode.paused = recorder.mode.paused, recorder._paused_before_step
+            try:
+                return closure(*args, **kwargs)
+            finally:
+                recorder.mode.paused = paused
+                recorder._closures_open -= 1
+
+        return observed
 
     # ---------------------------------------------------------------- gradient state
 
@@ -461,16 +780,17 @@ class Recorder:
                 if not param.pending:
                     continue
                 grad = param.tensor.grad
-                if param.snapshot is not None and not torch.equal(param.tensor.detach(), param.snapshot):
+                if param.snapshot is not None and not same_values(param.tensor.detach(), param.snapshot):
                     self._event("apply", param, by="an update outside any optimizer", location=location)
                     param.snapshot = param.tensor.detach().clone()
                 if grad is None:
                     self._event("wipe", param, by="grad set to None outside an optimizer", location=location)
                 elif (id(grad), grad._version) != param.grad_key:
-                    if not bool(grad.any()):
+                    if all_zero(grad):
                         self._event("wipe", param, by="grad zeroed outside an optimizer", location=location)
                     param.grad_key = (id(grad), grad._version)
 
+    @_guarded
     def _refresh(self, params: list[_Param]) -> None:
         for param in params:
             grad = param.tensor.grad
@@ -479,25 +799,33 @@ class Recorder:
     # ---------------------------------------------------------------- backward
 
     def _wrap_backward(self, original: Callable, accumulates: bool) -> Callable:
+        """`torch.autograd.backward` / `grad`, recorded: the wrapper takes exactly what the original takes."""
         recorder = self
+        signature = inspect.signature(original)
+        roots_argument = next(iter(signature.parameters))
 
         @functools.wraps(original)
-        def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-            if recorder._in_backward:
-                return original(tensors, *args, **kwargs)
+        def backward(*args: Any, **kwargs: Any) -> Any:
+            if recorder._in_backward or not recorder._admit():
+                if recorder._foreign_thread():
+                    recorder.foreign_backwards += 1
+                return original(*args, **kwargs)
+            try:
+                roots = signature.bind(*args, **kwargs).arguments[roots_argument]
+            except TypeError:
+                return original(*args, **kwargs)  # raises the program's own TypeError
             recorder._in_backward = True
             try:
-                hooks, contributions, record_chains = recorder._before_backward(tensors, accumulates) or ([], [], None)
+                hooks, contributions, record_chains = recorder._before_backward(roots, accumulates) or ([], [], None)
                 try:
-                    result = original(tensors, *args, **kwargs)
+                    result = original(*args, **kwargs)
                 finally:
                     for handle in hooks:
                         handle.remove()
                     recorder._after_backward(contributions, record_chains)
             finally:
                 recorder._in_backward = False
-            if recorder.note_backward_without_step():
-                raise StopAudit
+            recorder._update_window()
             return result
 
         return backward
@@ -537,11 +865,13 @@ class Recorder:
             handles.append(node.register_prehook(functools.partial(self._on_contribution, seen)))
         return handles, [(index, param, seen) for param, seen in contributions], record_chains
 
+    @_guarded
     def _on_contribution(self, seen: list, grad_outputs: tuple) -> None:
         grad = grad_outputs[0]
         if grad is not None:
             with self.mode.quiet(), torch.no_grad():
-                seen.append((float(grad.double().norm()), bool(torch.isfinite(grad).all())))
+                size = norm(grad)
+                seen.append((size, math.isfinite(size) or all_finite(grad)))  # a finite norm has finite elements
 
     @_guarded
     def _after_backward(self, contributions: list, record_chains: Callable[[], None] | None) -> None:
@@ -590,10 +920,7 @@ class Recorder:
         grads = torch.autograd.grad(
             [GradientEdge(raw.node, raw.output_nr)], params, grad_outputs=[seed], retain_graph=True, allow_unused=True
         )
-        return {
-            pid: 0.0 if g is None else float(g.detach().double().pow(2).sum())
-            for pid, g in zip(reached, grads, strict=True)
-        }
+        return {pid: 0.0 if g is None else squared_norm(g) for pid, g in zip(reached, grads, strict=True)}
 
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
         upstream: dict[str, set[int]] = {}
@@ -635,17 +962,6 @@ class Recorder:
         else:
             self.mode.named_constants[tensor] = name
 
-    def note_backward_without_step(self) -> bool:
-        """A program that never steps an optimizer ends its window after a number of backward calls."""
-        if (
-            self.iterations_wanted is not None
-            and not self.optimizers
-            and len(self.backwards) >= _BACKWARDS_WITHOUT_STEP
-        ):
-            self.stopped_by = "iterations"
-            return True
-        return False
-
     # ---------------------------------------------------------------- the Trace
 
     def build_trace(self, program: str, stopped_by: str | None = None, note: str = "") -> Trace:
@@ -664,7 +980,7 @@ class Recorder:
         optimizers = sorted(self.optimizers.values(), key=lambda o: o.index)
         return Trace(
             program=program,
-            window=Window(self.iterations, stopped_by or self.stopped_by, note),
+            window=Window(self.iterations, stopped_by or self.stopped_by, note, self.internal_errors_total()),
             parameters=[
                 Parameter(names[pid], groups[pid], list(p.tensor.shape), p.tensor.requires_grad, sorted(p.owners))
                 for pid, p in self.params.items()

@@ -1,0 +1,50 @@
+"""Size and finiteness of any gradient: dense, sparse (through its stored values) or complex (through magnitudes).
+
+Every reading is made without a warning: a complex tensor is never cast to a real dtype, and no op is called that a
+sparse layout lacks (`torch.isfinite`, `any` and `equal` have no sparse kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def stored_values(tensor: torch.Tensor) -> torch.Tensor:
+    """The elements a tensor stores: a sparse COO tensor's values once duplicates are summed, else the tensor."""
+    if tensor.layout == torch.sparse_coo:
+        return tensor.coalesce().values()
+    if tensor.layout in _COMPRESSED:
+        return tensor.values()
+    return tensor
+
+
+def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
+    values = stored_values(tensor.detach())
+    return values.abs() if values.is_complex() else values
+
+
+def norm(tensor: torch.Tensor) -> float:
+    """The 2-norm, in double precision."""
+    return float(_magnitudes(tensor).double().norm())
+
+
+def squared_norm(tensor: torch.Tensor) -> float:
+    """The sum of squared magnitudes, in double precision."""
+    return float(_magnitudes(tensor).double().pow(2).sum())
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(stored_values(tensor.detach())).all())
+
+
+def all_zero(tensor: torch.Tensor) -> bool:
+    return not bool(stored_values(tensor.detach()).any())
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same elements, whatever their layouts."""
+    if a.layout != torch.strided or b.layout != torch.strided:
+        return a.shape == b.shape and torch.equal(a.to_dense(), b.to_dense())
+    return torch.equal(a, b)
