@@ -29,8 +29,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from gradaudit.capture.chains import ChainTracker
 from gradaudit.capture.graph import GraphView, RawTerm, decompose, walk
-from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
 from gradaudit.capture.magnitude import all_finite, all_zero, norm, same_values, squared_norm
+from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
 from gradaudit.capture.numerics import ClampStats
 from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode
 from gradaudit.capture.source import (
