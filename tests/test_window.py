@@ -16,6 +16,7 @@ def test_a_swallowed_stop_lets_the_program_finish_unaudited(gradaudit_cli):
     assert "completed 199 of 200 steps" in result.output  # only the step the stop interrupted is lost
     assert result.exit_code == 1
     assert result.report["window"]["iterations"] == 3 and _steps(result.report) == {"optimizer": 3}
+    assert "caught gradaudit's stop after 3 iteration(s) and ran on unaudited" in result.report["window"]["note"]
     (finding,) = result.findings("GA202")
     assert finding["subject"] == "head"
     assert finding["location"]["line"] == fixture_line("bare_except_loop.py", "GA202-here")
