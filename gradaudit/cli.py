@@ -16,8 +16,9 @@ from gradaudit.config import Config, ConfigError, load_config, parse_option
 from gradaudit.findings import Finding, Severity
 from gradaudit.report import build_report, json_report
 from gradaudit.report import console as console_report
+from gradaudit.report.html import write_html
 from gradaudit.rules import RULES, rule_by_code, run_rules
-from gradaudit.trace import Trace, TraceError
+from gradaudit.trace import RAW_GRAPH_CAP, Trace, TraceError
 
 app = typer.Typer(
     help="Audit the gradient flow of a PyTorch training program.", no_args_is_help=True, add_completion=False
@@ -60,9 +61,21 @@ def settings(
         fail(str(exc))
 
 
-def emit(trace: Trace, findings: list[Finding], json_path: Path | None, quiet: bool, fail_on: Severity) -> int:
+def emit(
+    trace: Trace,
+    findings: list[Finding],
+    json_path: Path | None,
+    quiet: bool,
+    fail_on: Severity,
+    html_path: Path | None = None,
+) -> int:
     """Writes the requested outputs; returns the exit code for `fail_on`."""
     report = build_report(trace, findings)
+    if html_path is not None:
+        try:
+            write_html(trace, findings, html_path)
+        except OSError as exc:
+            fail(f"cannot write the HTML report to {html_path}: {exc.strerror or exc}")
     if json_path is not None:
         with open(json_path, "w") as stream:
             json_report.render(report, stream)
@@ -82,6 +95,9 @@ OptionOption = Annotated[
     typer.Option("--option", "-o", metavar="CODE.NAME=VALUE", help="a rule threshold, e.g. GA301.max_amplification=50"),
 ]
 JsonOption = Annotated[Path | None, typer.Option("--json", help="write the report as JSON")]
+HtmlOption = Annotated[
+    Path | None, typer.Option("--html", help="write a self-contained HTML report with the gradient-flow graph")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no console report")]
 
 
@@ -102,6 +118,10 @@ def run(
     option: OptionOption = None,
     quiet: QuietOption = False,
     term_grads: Annotated[bool, typer.Option(help="measure each loss term's gradient per parameter group")] = True,
+    html_path: HtmlOption = None,
+    raw_graph_cap: Annotated[
+        int, typer.Option(min=0, help="with --html: largest autograd graph drawn node by node (0: none)")
+    ] = RAW_GRAPH_CAP,
 ) -> None:
     """Run a training program under audit: `gradaudit run train.py -- --lr 3e-4`."""
     from gradaudit.capture import Audit
@@ -124,6 +144,9 @@ def run(
         ignore=config.ignore,
         options=config.options,
         program=program,
+        arguments=args,
+        raw_graph=html_path is not None,
+        raw_graph_cap=raw_graph_cap,
     )
     try:
         outcome = run_program(audit, program, args, as_module)
@@ -152,7 +175,7 @@ def run(
     assert audit.trace is not None
     if save_trace is not None:
         audit.trace.save(save_trace)
-    raise typer.Exit(emit(audit.trace, audit.findings, json_path, quiet, config.fail_on))
+    raise typer.Exit(emit(audit.trace, audit.findings, json_path, quiet, config.fail_on, html_path))
 
 
 @app.command()
@@ -164,6 +187,7 @@ def report(
     fail_on: FailOnOption = None,
     option: OptionOption = None,
     quiet: QuietOption = False,
+    html_path: HtmlOption = None,
 ) -> None:
     """Re-run the rules on a saved trace."""
     config = settings(select, ignore, fail_on, option)
@@ -172,7 +196,17 @@ def report(
     except TraceError as exc:
         fail(str(exc))
     findings = run_rules(trace, config.select, config.ignore, config.options)
-    raise typer.Exit(emit(trace, findings, json_path, quiet, config.fail_on))
+    raise typer.Exit(emit(trace, findings, json_path, quiet, config.fail_on, html_path))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="folder for the HTML reports and index.html")] = Path("reports"),
+) -> None:
+    """Audit every reference-agent variant: print the findings table, write an HTML report of each and an index."""
+    from gradaudit.demo import run_demo
+
+    raise typer.Exit(run_demo(out))
 
 
 @app.command()

@@ -27,6 +27,7 @@ from gradaudit.capture.chains import ChainTracker
 from gradaudit.capture.graph import GraphView, RawTerm, decompose, walk
 from gradaudit.capture.numerics import ClampStats
 from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode
+from gradaudit.capture.rawgraph import RawGraphRecorder
 from gradaudit.capture.source import (
     assigned_name,
     call_argument_text,
@@ -175,6 +176,7 @@ class Recorder:
         self.backwards: list[_BackwardRecord] = []
         self.regression_targets: list[tuple[Any, list[int]]] = []
         self.chain_tracker = ChainTracker(self.mode)
+        self.raw_graphs = RawGraphRecorder()
         self.measured: list[tuple[Measured, int]] = []
         self.nonfinite_origins: list[tuple[NonFiniteCandidate, int]] = []
         self._clock_at_last_step = 0
@@ -488,6 +490,7 @@ class Recorder:
             self._checkpoint(location)
             nodes = [r.grad_fn for r in roots if isinstance(r, torch.Tensor)]
             view = walk(nodes, self._is_parameter)
+            self.raw_graphs.capture(location, view)
             for pid in view.param_ids:
                 self._param(view.leaves[pid][1])
             index = len(self.backwards)
@@ -723,6 +726,7 @@ class Recorder:
                 )
                 for c, backward in self.nonfinite_origins
             ],
+            raw_graphs=self.raw_graphs.graphs(names),
         )
 
     def _module_label(self, module: nn.Module, names: dict[int, str]) -> str:
