@@ -23,6 +23,8 @@ INSTALL_HINT = "install graphviz to see it (Debian/Ubuntu: apt-get install graph
 _MAX_LABEL = 48
 
 SEVERITY_COLOURS = {"error": "#c62828", "warning": "#e65100", "info": "#1565c0"}
+_FILLS = {"error": "#ffebee", "warning": "#fff3e0", "info": "#e3f2fd"}
+_RANK = {"info": 0, "warning": 1, "error": 2}
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,8 @@ def _node_line(node: FlowNode, marks: list[tuple[str, str]]) -> str:
     colour, fill, penwidth = "#37474f", {"term": "#eceff1", "optimizer": "#e8f5e9"}.get(node.kind, "#ffffff"), 1.2
     words = []
     if marks:
-        worst = max(marks, key=lambda m: ("info", "warning", "error").index(m[1]) if m[1] in SEVERITY_COLOURS else 0)
-        colour = SEVERITY_COLOURS.get(worst[1], colour)
-        fill = "#fff3e0" if worst[1] == "warning" else "#ffebee" if worst[1] == "error" else "#e3f2fd"
+        worst = max((severity for _, severity in marks), key=lambda s: _RANK.get(s, 0))
+        colour, fill = SEVERITY_COLOURS.get(worst, colour), _FILLS.get(worst, fill)
         for code, _ in marks:
             mark = MARKS.get(code, FALLBACK_MARK)
             style.append(mark.style)
@@ -120,10 +121,12 @@ def _node_line(node: FlowNode, marks: list[tuple[str, str]]) -> str:
 
 
 def _penwidth(norm: float | None, scale: tuple[float, float] | None) -> float:
-    """1 to 6 by the log of the gradient norm, over the graph's range; thin for zero, middling when not measured."""
-    if norm is None or scale is None or not math.isfinite(norm):
-        return 2.0 if norm is None or scale is None else 6.0
-    if norm <= 0:
+    """1 to 6 by the log of the gradient norm over the graph's range; thin for zero, middling when not measured."""
+    if norm is None:
+        return 2.0
+    if not math.isfinite(norm):
+        return 6.0
+    if norm <= 0 or scale is None:
         return 0.6
     low, high = scale
     return 1.0 + 5.0 * ((math.log10(norm) - low) / (high - low) if high > low else 0.5)
@@ -255,7 +258,7 @@ def _run_dot(source: str, timeout: float, dot: str) -> Svg:
     return Svg(svg=_COMMENT.sub("", _PROLOGUE.sub("", done.stdout, count=1)).strip())
 
 
-def render_svgs(sources: list[str], timeout: float = DOT_TIMEOUT) -> list[Svg]:
+def render_svgs(sources: list[str], timeout: float) -> list[Svg]:
     """Lays the sources out side by side (one dot process each), each within `timeout` seconds."""
     dot = shutil.which("dot")
     if dot is None:

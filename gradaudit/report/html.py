@@ -16,7 +16,6 @@ import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +23,7 @@ from typing import Any, TextIO
 from gradaudit.findings import Finding
 from gradaudit.report import build_report
 from gradaudit.report.dot import (
+    DOT_TIMEOUT,
     EDGE_STYLES,
     MARKS,
     SEVERITY_COLOURS,
@@ -196,8 +196,12 @@ def _version() -> str:
 # ---------------------------------------------------------------- header and findings
 
 
+def _command(trace: Trace) -> str:
+    """The program and its arguments as a shell would take them."""
+    return " ".join([trace.program, shlex.join(trace.arguments)]) if trace.arguments else trace.program
+
+
 def _header(trace: Trace, report: Mapping[str, Any]) -> str:
-    command = shlex.join([trace.program, *trace.arguments]) if trace.arguments else trace.program
     window = report["window"]
     why = _STOPPED.get(window["stopped_by"], window["stopped_by"])
     note = f" — {escape(window['note'])}" if window["note"] else ""
@@ -205,14 +209,13 @@ def _header(trace: Trace, report: Mapping[str, Any]) -> str:
     badges = " ".join(f'<span class="badge {s}">{counts[s]} {s}</span>' for s in _SEVERITIES if counts[s])
     torch_version = escape(trace.torch_version) if trace.torch_version else "not recorded"
     return (
-        f"<h1>gradaudit: {escape(command)}</h1>\n"
+        f"<h1>gradaudit: {escape(_command(trace))}</h1>\n"
         f'<div class="meta">{window["iterations"]} iteration(s) audited; the window stopped because {escape(why)}'
         f"{note}.<br>torch {torch_version} · trace version {trace.version} · gradaudit {escape(_version())}</div>\n"
         f"<p>{badges or NO_FINDINGS}</p>"
     )
 
 
-@lru_cache(maxsize=256)
 def _source_lines(file: str) -> tuple[str, ...] | None:
     try:
         return tuple(Path(file).read_text(encoding="utf-8", errors="replace").splitlines())
@@ -241,17 +244,10 @@ def _findings_section(findings: list[dict], targets: list[str | None]) -> str:
     if not findings:
         return '<section id="findings"><h2>Findings</h2><p>No findings.</p></section>'
     parts = ['<section id="findings"><h2>Findings</h2>']
-    order = sorted(range(len(findings)), key=lambda i: _SEVERITIES.index(findings[i]["severity"]))
-    for i in order:
-        finding, target = findings[i], targets[i]
+    for i, (finding, target) in enumerate(zip(findings, targets, strict=True)):
         severity = finding["severity"]
-        link = (
-            f' · <a class="to-graph" href="#{target}">show in the graph</a>'
-            if target and target.startswith("node_")
-            else f' · <a class="to-graph" href="#{target}">show in the table</a>'
-            if target
-            else ""
-        )
+        place = "graph" if target and target.startswith("node_") else "table"
+        link = f' · <a class="to-graph" href="#{target}">show in the {place}</a>' if target else ""
         parts.append(
             f'<article class="finding {escape(severity)}" id="finding_{i}">'
             f'<div><span class="badge {escape(severity)}">{escape(finding["rule"])} {escape(severity)}</span> '
@@ -294,7 +290,7 @@ def _row_id(kind: str, row: Mapping[str, Any]) -> str:
     return svg_id(kind, f"{row['op']}@{location['file']}:{location['line']}" if location else row["op"])
 
 
-def _targets(report: Mapping[str, Any], nodes: list[FlowNode]) -> list[str | None]:
+def _targets(report: Mapping[str, Any], found: list[FlowNode | None]) -> list[str | None]:
     """For each finding: the SVG id of its node, else the id of its clamp / exp row, else None."""
     rows = {
         (r["location"]["file"], r["location"]["line"]): _row_id(kind, r)
@@ -303,15 +299,12 @@ def _targets(report: Mapping[str, Any], nodes: list[FlowNode]) -> list[str | Non
         if r["location"]
     }
     targets: list[str | None] = []
-    for finding in report["findings"]:
-        node = finding_node(finding, nodes)
+    for finding, node in zip(report["findings"], found, strict=True):
         location = finding["location"]
         if node is not None:
             targets.append(svg_id("node", node.id))
-        elif location and (location["file"], location["line"]) in rows:
-            targets.append(rows[(location["file"], location["line"])])
         else:
-            targets.append(None)
+            targets.append(rows.get((location["file"], location["line"])) if location else None)
     return targets
 
 
@@ -587,27 +580,27 @@ def _parameters(trace: Trace) -> str:
 # ---------------------------------------------------------------- the whole page
 
 
-def render(trace: Trace, findings: list[Finding], stream: TextIO, dot_timeout: float | None = None) -> None:
+def render(trace: Trace, findings: list[Finding], stream: TextIO, dot_timeout: float = DOT_TIMEOUT) -> None:
     report = build_report(trace, findings)
     nodes, _ = merged(trace.flow_graphs)
+    found = [finding_node(finding, nodes) for finding in report["findings"]]
     marks: dict[str, list[tuple[str, str]]] = {}
-    for finding in report["findings"]:
-        node = finding_node(finding, nodes)
+    for finding, node in zip(report["findings"], found, strict=True):
         if node is not None:
             marks.setdefault(node.id, []).append((finding["rule"], finding["severity"]))
     sources = [flow_dot(trace.flow_graphs, marks)] if nodes else []
     drawable = [g for g in trace.raw_graphs if g.nodes]
     sources += [raw_dot(graph, f"raw{index}") for index, graph in enumerate(drawable)]
-    svgs = render_svgs(sources, *(() if dot_timeout is None else (dot_timeout,)))
+    svgs = render_svgs(sources, dot_timeout)
     flow = svgs[0] if nodes else None
     laid_out = iter(svgs[1:] if nodes else svgs)
     raw_svgs = [next(laid_out) if graph.nodes else None for graph in trace.raw_graphs]
     sections = (
-        ("findings", "findings", _findings_section(report["findings"], _targets(report, nodes))),
+        ("findings", "findings", _findings_section(report["findings"], _targets(report, found))),
         (
             "graph",
             "gradient flow",
-            _graph_section(trace, flow, {code for found in marks.values() for code, _ in found}),
+            _graph_section(trace, flow, {code for marked in marks.values() for code, _ in marked}),
         ),
         ("raw", "autograd graphs", _raw_section(trace, raw_svgs)),
         ("optimizers", "optimizers", _membership(trace)),
@@ -618,11 +611,10 @@ def render(trace: Trace, findings: list[Finding], stream: TextIO, dot_timeout: f
     )
     nav = "".join(f'<a href="#{anchor}">{label}</a>' for anchor, label, section in sections if section)
     body = f"<nav>{nav}</nav>\n<main>\n" + "\n".join(section for *_, section in sections if section) + "\n</main>"
-    command = shlex.join([trace.program, *trace.arguments])
-    stream.write(_page(f"gradaudit: {command}", _header(trace, report), body, _json_block(report)))
+    stream.write(_page(f"gradaudit: {_command(trace)}", _header(trace, report), body, _json_block(report)))
 
 
-def write_html(trace: Trace, findings: list[Finding], path: str | Path, dot_timeout: float | None = None) -> None:
+def write_html(trace: Trace, findings: list[Finding], path: str | Path, dot_timeout: float = DOT_TIMEOUT) -> None:
     with open(path, "w", encoding="utf-8") as stream:
         render(trace, findings, stream, dot_timeout)
 
