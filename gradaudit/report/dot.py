@@ -191,10 +191,11 @@ def flow_dot(graphs: list[FlowGraph], marks: Mapping[str, list[tuple[str, str]]]
         lines.append(f'    label={_label(title, limit=90)}; style="rounded,dashed"; color="#90a4ae";')
         lines += ["  " + _node_line(n, marks.get(n.id, [])) for n in terms]
         lines.append("  }")
+    parents = {node.cluster for node in nodes if node.kind == "group"}
     clusters: dict[str, list[FlowNode]] = {}
     for node in nodes:
-        if node.kind == "group":
-            clusters.setdefault(node.cluster, []).append(node)
+        if node.kind == "group":  # `critic` sits in the box of `critic.q1_net` and `critic.v_net`
+            clusters.setdefault(node.label if node.label in parents else node.cluster, []).append(node)
         elif node.kind == "optimizer":
             lines.append(_node_line(node, marks.get(node.id, [])))
     for index, (cluster, members) in enumerate(sorted(clusters.items())):

@@ -30,7 +30,7 @@ def chromium_page(width: int = 1280, height: int = 900) -> Iterator[Any]:
             browser.close()
 
 
-def screenshot(report: Path, png: Path, width: int = 1280, height: int = 1000) -> None:
+def screenshot(report: Path, png: Path, width: int = 1280, height: int = 1500) -> None:
     """The top of a report (header, findings, the start of the graph) as a PNG."""
     with chromium_page(width, height) as page:
         page.goto(report.resolve().as_uri())
