@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import re
@@ -186,15 +187,34 @@ def test_html_into_a_missing_folder_is_exit_2(gradaudit_cli, tmp_path):
     assert result.exit_code == 2 and "cannot write the HTML report" in result.output
 
 
-def _small_model_audit(**options):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+def _train_small_model(model: nn.Module) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradaudit.audit(**options) as audit:
+    for _ in range(2):
         optimizer.zero_grad()
         model(torch.randn(5, 3)).pow(2).mean().backward()
         optimizer.step()
+
+
+def _small_model_audit(**options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    with gradaudit.audit(**options) as audit:
+        _train_small_model(model)
     return audit
+
+
+def test_recording_the_raw_graph_changes_nothing():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    audited = copy.deepcopy(plain)
+    torch.manual_seed(1)
+    _train_small_model(plain)
+    torch.manual_seed(1)
+    with gradaudit.audit(raw_graph=True) as audit:
+        _train_small_model(audited)
+    assert len(audit.trace.raw_graphs) == 1 and audit.trace.raw_graphs[0].nodes
+    for a, b in zip(plain.parameters(), audited.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_raw_graph_names_parameters_and_is_capped():
