@@ -1,18 +1,28 @@
-# `make demo` audits the bundled agents; `make test` runs the test suite. Both set up .venv first.
+# `make demo` audits the bundled agents and writes the HTML gallery; `make reports` regenerates the committed one;
+# `make test` runs the test suite. All set up .venv first.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo reports graphviz test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python -m reference_agents.demo
+# graphviz draws the reports' graphs: installed where we can (root on Debian), else the reports say how.
+graphviz:
+	@command -v dot >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -q >/dev/null && apt-get install -y --no-install-recommends graphviz >/dev/null || echo "graphviz not installed: reports will lack graphs"; }
+
+demo: $(STAMP) graphviz
+	$(BIN)/gradaudit demo --out reports
+
+reports: $(STAMP) graphviz
+	@command -v dot >/dev/null || { echo "make reports needs graphviz (apt-get install graphviz)"; exit 1; }
+	$(BIN)/gradaudit demo --out reports
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -20,8 +20,9 @@ from gradaudit.config import Config, ConfigError, load_config, parse_option
 from gradaudit.findings import Finding, Severity
 from gradaudit.report import build_report, json_report
 from gradaudit.report import console as console_report
+from gradaudit.report.html import write_html
 from gradaudit.rules import RULES, rule_by_code, run_rules
-from gradaudit.trace import Trace, TraceError
+from gradaudit.trace import RAW_GRAPH_CAP, Trace, TraceError
 
 if TYPE_CHECKING:
     from gradaudit.capture import Audit
@@ -103,6 +104,7 @@ class Outputs:
 
     json_path: Path | None
     trace_path: Path | None
+    html_path: Path | None
     quiet: bool
     fail_on: Severity
 
@@ -113,6 +115,9 @@ def emit(trace: Trace, findings: list[Finding], outputs: Outputs) -> int:
     if outputs.trace_path is not None:
         with writing(outputs.trace_path):
             trace.save(outputs.trace_path)
+    if outputs.html_path is not None:
+        with writing(outputs.html_path):
+            write_html(trace, findings, outputs.html_path)
     if outputs.json_path is not None:
         with writing(outputs.json_path), outputs.json_path.open("w") as stream:
             json_report.render(report, stream)
@@ -132,6 +137,9 @@ OptionOption = Annotated[
     typer.Option("--option", "-o", metavar="CODE.NAME=VALUE", help="a rule threshold, e.g. GA301.max_amplification=50"),
 ]
 JsonOption = Annotated[Path | None, typer.Option("--json", help="write the report as JSON")]
+HtmlOption = Annotated[
+    Path | None, typer.Option("--html", help="write a self-contained HTML report with the gradient-flow graph")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no console report")]
 
 
@@ -154,6 +162,10 @@ def run(
     option: OptionOption = None,
     quiet: QuietOption = False,
     term_grads: Annotated[bool, typer.Option(help="measure each loss term's gradient per parameter group")] = True,
+    html_path: HtmlOption = None,
+    raw_graph_cap: Annotated[
+        int, typer.Option(min=0, help="with --html: largest autograd graph drawn node by node (0: none)")
+    ] = RAW_GRAPH_CAP,
 ) -> None:
     """Run a training program under audit: `gradaudit run train.py -- --lr 3e-4`.
 
@@ -171,7 +183,13 @@ def run(
     from gradaudit.runner import ProgramNotFound, run_program
 
     config = settings(select, ignore, fail_on, option, iterations)
-    outputs = Outputs(output_path(json_path, "--json"), output_path(save_trace, "--save-trace"), quiet, config.fail_on)
+    outputs = Outputs(
+        output_path(json_path, "--json"),
+        output_path(save_trace, "--save-trace"),
+        output_path(html_path, "--html"),
+        quiet,
+        config.fail_on,
+    )
     args = list(script_args or [])
     if module is not None:
         if target is not None:
@@ -188,6 +206,9 @@ def run(
         ignore=config.ignore,
         options=config.options,
         program=program,
+        arguments=args,
+        raw_graph=html_path is not None,
+        raw_graph_cap=raw_graph_cap,
     )
 
     def conclude(outcome: Outcome) -> int:
@@ -259,16 +280,27 @@ def report(
     fail_on: FailOnOption = None,
     option: OptionOption = None,
     quiet: QuietOption = False,
+    html_path: HtmlOption = None,
 ) -> None:
     """Re-run the rules on a saved trace."""
     config = settings(select, ignore, fail_on, option)
-    outputs = Outputs(output_path(json_path, "--json"), None, quiet, config.fail_on)
+    outputs = Outputs(output_path(json_path, "--json"), None, output_path(html_path, "--html"), quiet, config.fail_on)
     try:
         trace = Trace.load(trace_path)
     except TraceError as exc:
         fail(str(exc))
     findings = run_rules(trace, config.select, config.ignore, config.options)
     raise typer.Exit(emit(trace, findings, outputs))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="folder for the HTML reports and index.html")] = Path("reports"),
+) -> None:
+    """Audit every reference-agent variant: print the findings table, write an HTML report of each and an index."""
+    from gradaudit.demo import run_demo
+
+    raise typer.Exit(run_demo(out))
 
 
 @app.command()

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
-TRACE_VERSION = 2
+TRACE_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+"""Version 2 traces lack the run's arguments, the torch version and the graphs; they load with those left empty."""
+RAW_GRAPH_CAP = 1500
+"""Default largest autograd graph kept node by node for the HTML report (dot takes minutes on much larger ones)."""
 
 
 class TraceError(ValueError):
@@ -244,6 +248,68 @@ class NonFiniteOrigin:
 
 
 @dataclass
+class FlowNode:
+    """A node of the module-level gradient-flow graph; `id` is made of names, so it is the same in every run."""
+
+    id: str
+    kind: str
+    """term | group | optimizer"""
+    label: str
+    cluster: str = ""
+    """The module path a group sits under (`policy.mlp_extractor` for `policy.mlp_extractor.value_net`)."""
+    detail: str = ""
+    """One more line: a group's tensor count, a constant term's break, an optimizer's kind and steps."""
+    location: Location | None = None
+
+
+@dataclass
+class FlowEdge:
+    source: str
+    target: str
+    kind: str
+    """gradient (term -> group it reaches) | input (group -> group feeding its input: gradient goes on into it)
+    | member (group -> optimizer holding it)"""
+    norm: float | None = None
+    """gradient edges: the term's own gradient norm on the group (last pass at the location); None: not measured."""
+    fate: str = ""
+    """gradient edges: applied | wiped | pending | returned (torch.autograd.grad); `by` says by what."""
+    by: str = ""
+    """`critic_opt.step()`, `actor_opt.zero_grad() at train.py:36`."""
+
+
+@dataclass
+class FlowGraph:
+    """Where the terms of the backward passes at one location send gradient, and which optimizers apply it.
+
+    `backward` None: the groups no backward reached, with their optimizers."""
+
+    backward: Location | None
+    passes: int
+    nodes: list[FlowNode] = field(default_factory=list)
+    edges: list[FlowEdge] = field(default_factory=list)
+
+
+@dataclass
+class RawNode:
+    op: str
+    """The autograd node's class (`MulBackward0`, `AccumulateGrad`)."""
+    param: str | None = None
+    """For a parameter's AccumulateGrad: the parameter's name."""
+
+
+@dataclass
+class RawGraph:
+    """The autograd graph of the first backward at a location; nodes by discovery order from the root."""
+
+    backward: Location | None
+    node_count: int
+    nodes: list[RawNode] = field(default_factory=list)
+    """Empty when node_count is over the cap the audit ran with."""
+    edges: list[list[int]] = field(default_factory=list)
+    """[node, next node] pairs: gradient flows from the first to the second."""
+
+
+@dataclass
 class Window:
     iterations: int
     stopped_by: str
@@ -269,6 +335,11 @@ class Trace:
     exps: list[Exp] = field(default_factory=list)
     nonfinite_origins: list[NonFiniteOrigin] = field(default_factory=list)
     version: int = TRACE_VERSION
+    arguments: list[str] = field(default_factory=list)
+    """The program's command-line arguments."""
+    torch_version: str = ""
+    flow_graphs: list[FlowGraph] = field(default_factory=list)
+    raw_graphs: list[RawGraph] = field(default_factory=list)
 
     def parameter(self, name: str) -> Parameter:
         return self._parameters_by_name()[name]
@@ -307,9 +378,13 @@ class Trace:
     @classmethod
     def from_dict(cls, raw: Any, source: str = "trace") -> Trace:
         """Checks every value against the field types and every cross-reference; damage is a one-line TraceError."""
-        if not isinstance(raw, dict) or raw.get("version") != TRACE_VERSION:
-            found = raw.get("version") if isinstance(raw, dict) else type(raw).__name__
-            raise TraceError(f"{source} is not a gradaudit trace of version {TRACE_VERSION} (found {found!r})")
+        if not isinstance(raw, dict) or "version" not in raw:
+            raise TraceError(f"{source} is not a gradaudit trace (no version field)")
+        if raw["version"] not in READABLE_VERSIONS:
+            readable = " and ".join(map(str, READABLE_VERSIONS))
+            raise TraceError(
+                f"{source} is a gradaudit trace of version {raw['version']!r}; this gradaudit reads versions {readable}"
+            )
         try:
             with _collector_paused():
                 trace = _converter(cls)(raw)

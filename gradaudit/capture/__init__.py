@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from types import TracebackType
 
 import torch
 
 from gradaudit.capture.recorder import InstallError, Recorder, StopAudit
 from gradaudit.findings import Finding
+from gradaudit.flowgraph import build_flow_graphs
 from gradaudit.rules import options_by_rule, run_rules
-from gradaudit.trace import Trace
+from gradaudit.trace import RAW_GRAPH_CAP, Trace
 
 __all__ = ["Audit", "InstallError", "StopAudit"]
 
@@ -22,6 +23,8 @@ class Audit:
     backward, zero_grad or optimizer step once that many iterations have completed and every optimizer seen has
     stepped (or the window was capped: `Recorder` says how iterations are counted). Entering installs every patch
     and hook or, raising `InstallError`, none.
+    `raw_graph` keeps the autograd graph of the first backward at each location for the HTML report (graphs of
+    more than `raw_graph_cap` nodes as their node count only).
     """
 
     def __init__(
@@ -33,11 +36,15 @@ class Audit:
         options: Mapping[str, float] | None = None,
         program: str = "<python>",
         window_cap: int = 20,
+        arguments: Sequence[str] = (),
+        raw_graph: bool = False,
+        raw_graph_cap: int = RAW_GRAPH_CAP,
     ) -> None:
-        self.program = program
+        self.program, self.arguments = program, list(arguments)
         self.select, self.ignore, self.options = select, ignore, options or {}
         options_by_rule(self.options)  # a misspelt threshold fails here, before the program runs
         self.recorder = Recorder(iterations=iterations, term_grads=term_grads, window_cap=window_cap)
+        self.recorder.raw_graphs.cap = raw_graph_cap if raw_graph else 0
         self.trace: Trace | None = None
         self.findings: list[Finding] = []
 
@@ -54,6 +61,8 @@ class Audit:
 
     def finish(self, stopped_by: str | None = None, note: str = "") -> None:
         self.trace = self.recorder.build_trace(self.program, stopped_by, note)
+        self.trace.arguments, self.trace.torch_version = self.arguments, torch.__version__
+        self.trace.flow_graphs = build_flow_graphs(self.trace)
         self.findings = run_rules(self.trace, self.select, self.ignore, self.options)
 
     def term(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from gradaudit.capture.magnitude import all_finite, all_zero, norm, same_values,
 from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
 from gradaudit.capture.numerics import ClampStats
 from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode
+from gradaudit.capture.rawgraph import RawGraphRecorder
 from gradaudit.capture.source import (
     assigned_name,
     call_argument_text,
@@ -270,6 +271,7 @@ class Recorder:
         self.backwards: list[_BackwardRecord] = []
         self.regression_targets: list[tuple[Any, list[int]]] = []
         self.chain_tracker = ChainTracker(self.mode)
+        self.raw_graphs = RawGraphRecorder()
         self.measured: list[tuple[Measured, int]] = []
         self.nonfinite_origins: list[tuple[NonFiniteCandidate, int]] = []
         self._clock_at_last_step = 0
@@ -839,6 +841,7 @@ class Recorder:
             self._checkpoint(location)
             nodes = [r.grad_fn for r in roots if isinstance(r, torch.Tensor)]
             view = walk(nodes, self._is_parameter)
+            self.raw_graphs.capture(location, view)
             for pid in view.param_ids:
                 self._param(view.leaves[pid][1])
             index = len(self.backwards)
@@ -1062,6 +1065,7 @@ class Recorder:
                 )
                 for c, backward in self.nonfinite_origins
             ],
+            raw_graphs=self.raw_graphs.graphs(names),
         )
 
     def _module_label(self, module: nn.Module, names: dict[int, str]) -> str:
