@@ -184,7 +184,12 @@ def test_other_trace_versions_are_exit_2(gradaudit_cli, tmp_path, version):
 def test_html_into_a_missing_folder_is_exit_2(gradaudit_cli, tmp_path):
     gradaudit_cli("run", "encoder_layout.py", "--save-trace", str(tmp_path / "t.json"))
     result = gradaudit_cli("report", str(tmp_path / "t.json"), "--html", str(tmp_path / "no" / "r.html"))
-    assert result.exit_code == 2 and "cannot write the HTML report" in result.output
+    assert result.exit_code == 2 and "--html" in result.output and "does not exist" in result.output
+
+
+def test_html_into_a_missing_folder_fails_before_the_program_runs(gradaudit_cli, tmp_path):
+    result = gradaudit_cli("run", "encoder_layout.py", "--html", str(tmp_path / "no" / "r.html"))
+    assert result.exit_code == 2 and "does not exist" in result.output and "iteration(s) audited" not in result.output
 
 
 def _train_small_model(model: nn.Module) -> None:
