@@ -116,12 +116,18 @@ class GradEvent:
 
 @dataclass
 class RegressionTarget:
-    """A regression loss whose target argument was seen, and what the target carried."""
+    """A regression loss whose target argument carried gradient, and what each side of the loss reached."""
 
     op: str
     location: Location | None
     target_expression: str
     groups_reached: list[str]
+    """Groups the target reaches."""
+    prediction_expression: str = ""
+    """The other operand (`input` in torch's signature)."""
+    prediction_groups: list[str] = field(default_factory=list)
+    shared_groups: list[str] = field(default_factory=list)
+    """Groups holding parameters that both sides reach: the loss moves the target toward the prediction there."""
 
 
 @dataclass

@@ -63,10 +63,15 @@ class OpRecord:
 
 @dataclass
 class RegressionCall:
+    """A symmetric regression loss (mse, l1, smooth_l1, huber) whose two operands both carry a graph."""
+
     op: str
     location: Location | None
     target_expression: str
     target_node: Any
+    """The `target` argument by torch's signature; for these losses the order says nothing about intent."""
+    prediction_expression: str
+    prediction_node: Any
 
 
 @dataclass
@@ -254,11 +259,26 @@ class ProvenanceMode(TorchFunctionMode):
         while len(self.records) > _MAX_RECORDS:
             self.records.popitem(last=False)
         if func in _REGRESSION_LOSSES:
-            target = args[1] if len(args) > 1 else kwargs.get("target")
-            if isinstance(target, torch.Tensor) and target.grad_fn is not None:
-                text = call_argument_text(record.expression, 1, "target")
-                self.regression_calls.append(RegressionCall(record.op, record.location, text, target.grad_fn))
+            self._note_regression_call(record, args, kwargs)
         return record
+
+    def _note_regression_call(self, record: OpRecord, args: tuple, kwargs: dict) -> None:
+        """Keeps both operands' nodes: a target that carries gradient matters only where both sides share parameters
+        (`F.mse_loss(returns, values)` with detached returns is as clean as `F.mse_loss(values, returns)`)."""
+        prediction = args[0] if args else kwargs.get("input")
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if not all(isinstance(t, torch.Tensor) and t.grad_fn is not None for t in (prediction, target)):
+            return
+        self.regression_calls.append(
+            RegressionCall(
+                record.op,
+                record.location,
+                call_argument_text(record.expression, 1, "target"),
+                target.grad_fn,
+                call_argument_text(record.expression, 0, "input"),
+                prediction.grad_fn,
+            )
+        )
 
     @staticmethod
     def _factor(op: str, index: int, value: float) -> float | None:

@@ -173,7 +173,8 @@ class Recorder:
         self.user_constant_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.events: list[_Event] = []
         self.backwards: list[_BackwardRecord] = []
-        self.regression_targets: list[tuple[Any, list[int]]] = []
+        self.regression_targets: list[tuple[Any, list[int], list[int]]] = []
+        """(call, parameters the target reaches, parameters the prediction reaches)."""
         self.chain_tracker = ChainTracker(self.mode)
         self.measured: list[tuple[Measured, int]] = []
         self.nonfinite_origins: list[tuple[NonFiniteCandidate, int]] = []
@@ -595,11 +596,10 @@ class Recorder:
     def _note_regression_targets(self, view: GraphView) -> None:
         remaining = []
         for call in self.mode.regression_calls:
-            node = call.target_node
-            if view.holds(node):
-                reached = view.params_reached(node)
+            if view.holds(call.target_node):
+                reached = view.params_reached(call.target_node)
                 if reached:
-                    self.regression_targets.append((call, reached))
+                    self.regression_targets.append((call, reached, view.params_reached(call.prediction_node)))
             else:
                 remaining.append(call)
         self.mode.regression_calls[:] = remaining[-1000:]
@@ -679,8 +679,16 @@ class Recorder:
                 for e in self.events
             ],
             regression_targets=[
-                RegressionTarget(call.op, call.location, call.target_expression, group_list(pids))
-                for call, pids in self.regression_targets
+                RegressionTarget(
+                    call.op,
+                    call.location,
+                    call.target_expression,
+                    group_list(target_pids),
+                    call.prediction_expression,
+                    group_list(prediction_pids),
+                    group_list(sorted(set(target_pids) & set(prediction_pids))),
+                )
+                for call, target_pids, prediction_pids in self.regression_targets
             ],
             chains=[
                 Chain(self._module_label(c.module, names), c.backward, c.location, c.calls)
