@@ -193,6 +193,17 @@ class Chain:
 
 
 @dataclass
+class Selection:
+    """A max/min that picks, element by element, between a clamped branch and an unclamped twin (PPO's clipping)."""
+
+    op: str
+    location: Location | None
+    expression: str
+    zero_share: float
+    """Fraction of its output elements for which it picks an element the clamp saturated: no gradient flows."""
+
+
+@dataclass
 class Clamp:
     """A clamp-like op on a backward's graph: elements outside its bounds get zero gradient."""
 
@@ -210,6 +221,10 @@ class Clamp:
     """Fraction of elements over the upper bound."""
     gate: bool = False
     """A ReLU-style gate (relu, relu6): listed for reference; an inactive hinge is often a satisfied constraint."""
+    selection: Selection | None = None
+    """The max/min downstream that picks between this clamp's branch and an unclamped twin, if any."""
+    groups_reached: list[str] = field(default_factory=list)
+    """The parameter groups behind the clamp's input: what stops learning where its gradient is zero."""
 
     @property
     def saturated(self) -> float:

@@ -27,11 +27,12 @@ from gradaudit.capture.numerics import (
     NONFINITE_SOURCES,
     ClampStats,
     ExpStats,
+    SaturationTracker,
     measure,
     nonfinite_birth,
 )
 from gradaudit.capture.source import call_argument_text, called_by_user, expression_of, location_of, user_frame
-from gradaudit.trace import Break, Location
+from gradaudit.trace import Break, Location, Selection
 
 _DETACHING = {torch.Tensor.detach, torch.detach, torch.Tensor.detach_}
 _FROM_DATA = {torch.as_tensor, torch.tensor, torch.from_numpy, torch.Tensor.new_tensor, torch.asarray}
@@ -74,7 +75,7 @@ class RegressionCall:
     prediction_node: Any
 
 
-@dataclass
+@dataclass(eq=False)
 class Measured:
     """A clamp or exp on a graph, with its input statistics; claimed by the backward whose graph holds `node`."""
 
@@ -82,6 +83,8 @@ class Measured:
     record: OpRecord
     stats: ClampStats | ExpStats
     clock: int
+    selection: Selection | None = None
+    """For a clamp: the max/min downstream that picks between it and an unclamped twin (the worst seen)."""
 
 
 @dataclass
@@ -124,6 +127,7 @@ class ProvenanceMode(TorchFunctionMode):
         self.measured: deque[Measured] = deque(maxlen=_MAX_PENDING)
         self.nonfinite: deque[NonFiniteCandidate] = deque(maxlen=_MAX_PENDING)
         """Candidates on graphs, found by their node."""
+        self.saturation = SaturationTracker()
         self.nonfinite_from: WeakIdKeyDictionary = WeakIdKeyDictionary()
         """Constant tensor -> the candidates its data came through, so that NaN data reaching a loss is traced."""
         self.clock = 0
@@ -178,7 +182,7 @@ class ProvenanceMode(TorchFunctionMode):
         )
         if not outputs:
             return
-        needs_inputs = self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES
+        needs_inputs = self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES or stats is not None
         inputs = list(_tensors([*args, *kwargs.values()])) if needs_inputs else []
         if self.lineage:
             self._inherit_lineage(inputs, outputs)
@@ -188,8 +192,10 @@ class ProvenanceMode(TorchFunctionMode):
         if tracked:
             record = self._record_graph_op(func, args, kwargs, tracked)
             record.nonfinite_inputs = sources
-            if stats is not None:
-                self.measured.append(Measured(tracked[0].grad_fn, record, stats, self.clock))
+            measured = Measured(tracked[0].grad_fn, record, stats, self.clock) if stats is not None else None
+            if measured is not None:
+                self.measured.append(measured)
+            self._follow_saturation(name, args, kwargs, inputs, tracked[0], record, measured)
         elif all(not o.requires_grad for o in outputs):
             origin = self._constant_origin(func, args, kwargs)
             if origin is not None:
@@ -207,6 +213,17 @@ class ProvenanceMode(TorchFunctionMode):
         if sources and not tracked:
             for output in outputs:
                 self.nonfinite_from[output] = sources
+
+    def _follow_saturation(self, name, args, kwargs, inputs, output, record: OpRecord, measured: Measured | None):
+        """Starts at a clamp, follows its saturated elements through elementwise ops, and at a max/min between a
+        clamped branch and its twin, notes on each clamp the share of elements where the pick has no gradient."""
+        if measured is not None and isinstance(measured.stats, ClampStats) and measured.stats.saturated is not None:
+            saturated, measured.stats.saturated = measured.stats.saturated, None
+            self.saturation.start(output, measured, saturated, inputs)
+        elif self.saturation:
+            for clamp, share in self.saturation.follow(name, args, kwargs, output).items():
+                if clamp.selection is None or share > clamp.selection.zero_share:
+                    clamp.selection = Selection(name, record.location, record.expression, share)
 
     def _nonfinite_sources(self, inputs: list[torch.Tensor]) -> list[NonFiniteCandidate]:
         found = [c for tensor in inputs for c in self.nonfinite_from.get(tensor, ())]

@@ -176,7 +176,8 @@ class Recorder:
         self.regression_targets: list[tuple[Any, list[int], list[int]]] = []
         """(call, parameters the target reaches, parameters the prediction reaches)."""
         self.chain_tracker = ChainTracker(self.mode)
-        self.measured: list[tuple[Measured, int]] = []
+        self.measured: list[tuple[Measured, int, list[int]]] = []
+        """(clamp or exp, the backward whose graph holds it, the parameters behind a clamp)."""
         self.nonfinite_origins: list[tuple[NonFiniteCandidate, int]] = []
         self._clock_at_last_step = 0
         self.primary: int | None = None
@@ -582,7 +583,11 @@ class Recorder:
 
     def _note_numerics(self, view: GraphView, backward: int, loss_finite: bool) -> None:
         """Claims the clamps and exps on this graph; for a non-finite loss, finds the op where NaN/Inf was born."""
-        self.measured += [(m, backward) for m in self.mode.measured if view.holds(m.node)]
+        self.measured += [
+            (m, backward, view.params_reached(m.node) if isinstance(m.stats, ClampStats) and not m.stats.gate else [])
+            for m in self.mode.measured
+            if view.holds(m.node)
+        ]
         if loss_finite:
             return
         reaching = [c for c in self.mode.nonfinite if view.holds(c.node)]
@@ -706,8 +711,10 @@ class Recorder:
                     m.stats.below,
                     m.stats.above,
                     m.stats.gate,
+                    m.selection,
+                    group_list(behind),
                 )
-                for m, backward in self.measured
+                for m, backward, behind in self.measured
                 if isinstance(m.stats, ClampStats)
             ],
             exps=[
@@ -722,7 +729,7 @@ class Recorder:
                     m.stats.overflow,
                     m.stats.elements,
                 )
-                for m, backward in self.measured
+                for m, backward, _ in self.measured
                 if not isinstance(m.stats, ClampStats)
             ],
             nonfinite_origins=[
