@@ -168,7 +168,8 @@ class Recorder:
         self.params: dict[int, _Param] = {}
         self.optimizers: dict[int, _Optimizer] = {}
         self.module_groups: dict[int, tuple[nn.Module, str | None]] = {}
-        self.module_inputs: deque[tuple[str, Any]] = deque(maxlen=_MAX_MODULE_INPUTS)
+        self.module_inputs: deque[tuple[tuple[str, ...], Any]] = deque(maxlen=_MAX_MODULE_INPUTS)
+        """(every parameter group of a top-level module call, the graph node of one of its inputs)."""
         self.user_term_names: dict[int, tuple[Any, str]] = {}
         self.user_constant_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.events: list[_Event] = []
@@ -180,6 +181,8 @@ class Recorder:
         """(clamp or exp, the backward whose graph holds it, the parameters behind a clamp)."""
         self.nonfinite_origins: list[tuple[NonFiniteCandidate, int]] = []
         self._clock_at_last_step = 0
+        self._step_started: dict[int, int] = {}
+        """Optimizer index -> the event count when its step() began, while that step runs (a closure may run)."""
         self.primary: int | None = None
         self.iterations = 0
         self.stopped_by = "context-exit"
@@ -291,9 +294,11 @@ class Recorder:
         group = self._module_group(module, user_frame())
         if group is None or not torch.is_grad_enabled():
             return
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.grad_fn is not None:
-                self.module_inputs.append((group, arg.grad_fn))
+        nodes = [arg.grad_fn for arg in args if isinstance(arg, torch.Tensor) and arg.grad_fn is not None]
+        if nodes:
+            # A submodule named on its own earlier (d3rlpy's Q-function encoder) is fed by the same inputs.
+            groups = tuple({self._param(p).group or group: None for p in module.parameters()})
+            self.module_inputs.extend((groups, node) for node in nodes)
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth -= 1
@@ -374,12 +379,24 @@ class Recorder:
         location = location_of(frame)
         self._checkpoint(location)
         owned = self._owned(record)
+        read_by_step = self._accumulated_during_step(record.index)
         for param in owned:
             if param.pending:
+                if id(param.tensor) in read_by_step:
+                    by = f"{self._label(record)}.step() (its closure)"
+                    self._event("apply", param, optimizer=record.index, by=by, location=location)
                 self._event(
                     "wipe", param, optimizer=record.index, by=f"{self._label(record)}.zero_grad()", location=location
                 )
         return owned
+
+    def _accumulated_during_step(self, optimizer: int) -> set[int]:
+        """Parameters a backward filled since this optimizer's step() began: a zero_grad() inside the step (an
+        L-BFGS closure re-evaluating the loss) comes after the step has read those gradients."""
+        started = self._step_started.get(optimizer)
+        if started is None:
+            return set()
+        return {event.param for event in self.events[started:] if event.kind == "accumulate"}
 
     def _owned(self, record: _Optimizer) -> list[_Param]:
         return [self._param(p) for group in record.optimizer.param_groups for p in group["params"]]
@@ -392,6 +409,7 @@ class Recorder:
         frame = user_frame()
         record = self._optimizer(optimizer, frame)
         self._checkpoint(location_of(frame))
+        self._step_started[record.index] = len(self.events)
         if record.index == self.primary and self._window_complete():
             raise StopAudit
 
@@ -410,6 +428,7 @@ class Recorder:
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         record = self._optimizer(optimizer, user_frame())
         record.steps += 1
+        self._step_started.pop(record.index, None)
         location = here()
         for param in self._owned(record):
             if param.pending and param.tensor.grad is not None:
@@ -576,9 +595,11 @@ class Recorder:
 
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
         upstream: dict[str, set[int]] = {}
-        for group, node in self.module_inputs:
+        for groups, node in self.module_inputs:
             if view.holds(node):
-                upstream.setdefault(group, set()).update(view.params_reached(node))
+                reached = view.params_reached(node)
+                for group in groups:
+                    upstream.setdefault(group, set()).update(reached)
         return {group: sorted(pids) for group, pids in upstream.items()}
 
     def _note_numerics(self, view: GraphView, backward: int, loss_finite: bool) -> None:
