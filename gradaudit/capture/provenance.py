@@ -14,6 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any
 
 import torch
@@ -122,6 +123,8 @@ class ProvenanceMode(TorchFunctionMode):
         self.constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.named_constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.python_values: dict[float, Break] = {}
+        self.numbers_seen: dict[tuple[CodeType, int], numbers.Number] = {}
+        """The first number each call site turned into a tensor: a site whose number changes is fed by data."""
         self.regression_calls: list[RegressionCall] = []
         self.lineage: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.measured: deque[Measured] = deque(maxlen=_MAX_PENDING)
@@ -317,7 +320,7 @@ class ProvenanceMode(TorchFunctionMode):
             if isinstance(data, torch.Tensor):
                 return self.constants.get(data)
             if isinstance(data, numbers.Number):
-                return self.python_values.get(float(data)) or self._break_here("literal", func)
+                return self._number_origin(data, func)
             return self._break_here("from_data", func)
         inherited = [self.constants.get(t) or Break("unknown", "", None) for t in inputs if not t.requires_grad]
         if not inputs:
@@ -326,6 +329,21 @@ class ProvenanceMode(TorchFunctionMode):
             (b for b in inherited if b.kind not in _HARMLESS_KINDS), key=lambda b: _CAUSE_PRIORITY.index(b.kind)
         )
         return causes[0] if causes else (inherited[0] if inherited else None)
+
+    def _number_origin(self, value: numbers.Number, func: Callable) -> Break:
+        """A number turned into a tensor is a literal only when it is written in the calling code or is the same
+        every time that line runs; a numpy scalar (np.float64 is a float) or a number that changes is data."""
+        if type(value).__module__ == "numpy":
+            return self._break_here("from_data", func)
+        from_graph = self.python_values.get(float(value))
+        if from_graph is not None:
+            return from_graph
+        frame = user_frame()
+        if frame is None or value in frame.f_code.co_consts:
+            return self._break_here("literal", func)
+        first = self.numbers_seen.setdefault((frame.f_code, frame.f_lasti), value)
+        same = first == value or (first != first and value != value)  # NaN is the same NaN
+        return self._break_here("literal" if same else "from_data", func)
 
     def _observe_python_value(self, tensor: Any, value: Any) -> None:
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
