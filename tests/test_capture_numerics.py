@@ -105,3 +105,17 @@ def test_a_hinge_against_a_constant_is_not_a_twin():
 
     (clamp,) = _value_clip_step(hinged)
     assert clamp.saturated == 1.0 and clamp.selection is None
+
+
+def test_dead_elements_pass_through_a_later_clamp_that_does_not_bind():
+    """PPO with a log-ratio guard: the ratio clip binds nowhere, the guard everywhere; both branches are dead."""
+
+    def guarded_ratio_clip(v, old, r):
+        ratio = torch.clamp(v - old, -0.2, 0.2).exp()
+        return torch.max(-r * ratio, -r * torch.clamp(ratio, 0.0, 10.0))
+
+    clamps = _value_clip_step(lambda v, old, r: guarded_ratio_clip(v, old, r) - (v - r) ** 2)
+    guard, ratio_clip = sorted(clamps, key=lambda c: c.upper)
+    assert guard.saturated == 1.0 and ratio_clip.saturated == 0.0
+    assert ratio_clip.selection is None
+    assert guard.selection.zero_share == 1.0  # whichever branch the max selects, the guard killed its gradient

@@ -53,7 +53,7 @@ class ClampStats:
     above: float
     gate: bool
     saturated: torch.Tensor | None = None
-    """The elements outside the bounds (a clamp's, not a gate's); handed to `SaturationTracker.start` and dropped."""
+    """The elements outside the bounds of a clamp (not a gate) that has any; handed to `SaturationTracker.start`."""
 
 
 @dataclass
@@ -103,12 +103,12 @@ def measure(op: str, args: tuple, kwargs: dict) -> ClampStats | ExpStats | None:
     if op in HARDTANH:
         lower, upper = -1.0 if lower is None else lower, 1.0 if upper is None else upper
     n = x.numel()
-    under = x < lower if lower is not None else torch.zeros_like(x, dtype=torch.bool)
-    over = x > upper if upper is not None else torch.zeros_like(x, dtype=torch.bool)
+    outside = [x < lower if lower is not None else None, x > upper if upper is not None else None]
+    below, above = (float(mask.sum()) / n if mask is not None else 0.0 for mask in outside)
     gate = op in GATES
-    stats = ClampStats(_bound(lower, "min"), _bound(upper, "max"), n, float(under.sum()) / n, float(over.sum()) / n, gate)
-    if not gate:
-        stats.saturated = under | over
+    stats = ClampStats(_bound(lower, "min"), _bound(upper, "max"), n, below, above, gate)
+    if not gate and below + above > 0:
+        stats.saturated = functools.reduce(operator.or_, [mask for mask in outside if mask is not None])
     return stats
 
 
@@ -140,17 +140,19 @@ class SaturationTracker:
     def __bool__(self) -> bool:
         return len(self._state) > 0
 
-    def start(self, output: torch.Tensor, clamp: Hashable, saturated: torch.Tensor, inputs: list[torch.Tensor]) -> None:
-        """A clamp's output: its saturated elements are dead, and so are those already dead in its input."""
-        own = _broadcast(saturated, output)
-        if own is None:
-            return
-        state = _ZeroGrad(own, {clamp: own})
+    def start(
+        self, output: torch.Tensor, clamp: Hashable, saturated: torch.Tensor | None, inputs: list[torch.Tensor]
+    ) -> None:
+        """A clamp's output: dead where the clamp saturated (None: nowhere) and where its input already was."""
+        state = _ZeroGrad(torch.zeros((), dtype=torch.bool, device=output.device).expand(output.shape))
+        if saturated is not None and (own := _broadcast(saturated, output)) is not None:
+            state = _ZeroGrad(own, {clamp: own})
         upstream = self._state.get(inputs[0]) if inputs else None
         if upstream is not None and (zero := _broadcast(upstream.zero, output)) is not None:
-            state.zero = own | zero
+            state.zero = state.zero | zero
             state.by_clamp.update(_aligned(upstream.by_clamp, output))
-        self._state[output] = state
+        if state.by_clamp:
+            self._state[output] = state
 
     def follow(self, op: str, args: tuple, kwargs: dict, output: torch.Tensor) -> dict[Hashable, float]:
         """Carries dead elements through an elementwise op; at a max/min of two graph operands returns, per clamp

@@ -220,7 +220,7 @@ class ProvenanceMode(TorchFunctionMode):
     def _follow_saturation(self, name, args, kwargs, inputs, output, record: OpRecord, measured: Measured | None):
         """Starts at a clamp, follows its saturated elements through elementwise ops, and at a max/min between a
         clamped branch and its twin, notes on each clamp the share of elements where the pick has no gradient."""
-        if measured is not None and isinstance(measured.stats, ClampStats) and measured.stats.saturated is not None:
+        if measured is not None and isinstance(measured.stats, ClampStats) and not measured.stats.gate:
             saturated, measured.stats.saturated = measured.stats.saturated, None
             self.saturation.start(output, measured, saturated, inputs)
         elif self.saturation:
