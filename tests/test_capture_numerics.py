@@ -97,6 +97,8 @@ def test_a_max_between_a_clamped_branch_and_its_twin_measures_the_dead_elements_
 def test_an_element_fed_by_a_live_path_besides_the_clamp_is_not_dead():
     (clamp,) = _value_clip_step(lambda v, old, r: (old + torch.clamp(v - old, -0.2, 0.2) + 0 * v - r) ** 2)
     assert clamp.saturated == 1.0 and clamp.selection is None
+    (clamp,) = _value_clip_step(lambda v, old, r: ((old + torch.clamp(v - old, -0.2, 0.2)).add_(0 * v) - r) ** 2)
+    assert clamp.saturated == 1.0 and clamp.selection is None  # the same, written in place
 
 
 def test_a_hinge_against_a_constant_is_not_a_twin():

@@ -161,23 +161,27 @@ class SaturationTracker:
             other = args[1] if len(args) > 1 else kwargs.get("other")
             if len(args) and isinstance(args[0], torch.Tensor) and isinstance(other, torch.Tensor):
                 return self._select(SELECTIONS[op], args[0], other, output)
-        elif op in ELEMENTWISE:
-            self._carry([*_graph_tensors(args), *_graph_tensors(kwargs.values())], output)
+        graph_inputs = [*_graph_tensors(args), *_graph_tensors(kwargs.values())] if op in ELEMENTWISE else []
+        state = self._carried(graph_inputs, output)
+        if state is not None:
+            self._state[output] = state
+        elif output in self._state:  # an in-place op rewrote a tracked tensor
+            del self._state[output]
         return {}
 
-    def _carry(self, graph_inputs: list[torch.Tensor], output: torch.Tensor) -> None:
+    def _carried(self, graph_inputs: list[torch.Tensor], output: torch.Tensor) -> _ZeroGrad | None:
         """An output element is dead when it is dead in every input that carries a graph."""
         states = [self._state.get(t) for t in graph_inputs]
         if not states or any(s is None for s in states):
-            return
+            return None
         zeros = [_broadcast(s.zero, output) for s in states]
         if any(z is None for z in zeros):
-            return
+            return None
         state = _ZeroGrad(functools.reduce(operator.and_, zeros))
         for s in states:
             for clamp, mask in _aligned(s.by_clamp, output):
                 state.by_clamp[clamp] = state.by_clamp[clamp] | mask if clamp in state.by_clamp else mask
-        self._state[output] = state
+        return state
 
     def _select(self, kind: str, a: torch.Tensor, b: torch.Tensor, output: torch.Tensor) -> dict[Hashable, float]:
         if not (a.requires_grad and b.requires_grad):
@@ -211,9 +215,7 @@ def _aligned(by_clamp: dict[Hashable, torch.Tensor], like: torch.Tensor) -> list
 
 
 def _dead(state: _ZeroGrad | None, like: torch.Tensor) -> torch.Tensor:
-    if state is None:
-        return torch.zeros((), dtype=torch.bool, device=like.device)
-    found = _broadcast(state.zero, like)
+    found = _broadcast(state.zero, like) if state is not None else None
     return found if found is not None else torch.zeros((), dtype=torch.bool, device=like.device)
 
 
