@@ -123,8 +123,8 @@ class ProvenanceMode(TorchFunctionMode):
         self.constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.named_constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.python_values: dict[float, Break] = {}
-        self.numbers_seen: dict[tuple[CodeType, int], numbers.Number] = {}
-        """The first number each call site turned into a tensor: a site whose number changes is fed by data."""
+        self.numbers_seen: dict[tuple[CodeType, int, CodeType | None, int], numbers.Number] = {}
+        """The first number each call site (and its caller's) turned into a tensor: if it changes, data feeds it."""
         self.regression_calls: list[RegressionCall] = []
         self.lineage: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.measured: deque[Measured] = deque(maxlen=_MAX_PENDING)
@@ -339,9 +339,11 @@ class ProvenanceMode(TorchFunctionMode):
         if from_graph is not None:
             return from_graph
         frame = user_frame()
-        if frame is None or value in frame.f_code.co_consts:
-            return self._break_here("literal", func)
-        first = self.numbers_seen.setdefault((frame.f_code, frame.f_lasti), value)
+        caller = frame.f_back if frame is not None else None
+        if frame is None or any(value in f.f_code.co_consts for f in (frame, caller) if f is not None):
+            return self._break_here("literal", func)  # written here, or passed by a helper's caller
+        site = (frame.f_code, frame.f_lasti, caller.f_code if caller else None, caller.f_lasti if caller else -1)
+        first = self.numbers_seen.setdefault(site, value)
         same = first == value or (first != first and value != value)  # NaN is the same NaN
         return self._break_here("literal" if same else "from_data", func)
 

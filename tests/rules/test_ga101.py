@@ -78,3 +78,26 @@ def test_numbers_computed_from_data_are_dead_terms(gradaudit_cli):
 def test_literals_constants_and_predicted_penalties_are_clean(gradaudit_cli):
     for kind in ("predicted", "constant", "literal"):
         assert gradaudit_cli("run", "numpy_penalty.py", "--", "--penalty", kind).findings() == [], kind
+
+
+def test_a_helper_called_with_different_constants_is_not_fed_by_data():
+    import math
+
+    import torch
+
+    import gradaudit
+
+    margin = math.log(3)  # computed, not written: constant because it is the same every iteration
+
+    def as_tensor(value):
+        return torch.tensor(value)
+
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    with gradaudit.audit() as audit:
+        for _ in range(3):
+            loss = (w * 2).sum() + as_tensor(margin) + as_tensor(2 * margin)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert audit.findings == []
