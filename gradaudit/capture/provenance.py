@@ -217,7 +217,16 @@ class ProvenanceMode(TorchFunctionMode):
             for output in outputs:
                 self.nonfinite_from[output] = sources
 
-    def _follow_saturation(self, name, args, kwargs, inputs, output, record: OpRecord, measured: Measured | None):
+    def _follow_saturation(
+        self,
+        name: str,
+        args: tuple,
+        kwargs: dict,
+        inputs: list[torch.Tensor],
+        output: torch.Tensor,
+        record: OpRecord,
+        measured: Measured | None,
+    ) -> None:
         """Starts at a clamp, follows its saturated elements through elementwise ops, and at a max/min between a
         clamped branch and its twin, notes on each clamp the share of elements where the pick has no gradient."""
         if measured is not None and isinstance(measured.stats, ClampStats) and not measured.stats.gate:

@@ -70,8 +70,9 @@ def test_numbers_computed_from_data_are_dead_terms(gradaudit_cli):
         assert finding["subject"] == "LAM * penalty", kind
         assert finding["location"]["line"] == fixture_line("numpy_penalty.py", "GA101-here")
         break_line = fixture_line("numpy_penalty.py", f"GA101-{kind}")
-        assert f"built from data that has no autograd history ({op} `{expression}` at numpy_penalty.py:{break_line})" in (
-            finding["message"]
+        assert (
+            f"built from data that has no autograd history ({op} `{expression}` at numpy_penalty.py:{break_line})"
+            in finding["message"]
         )
 
 
