@@ -1,15 +1,18 @@
 # `make demo` audits the bundled agents and writes the HTML gallery; `make reports` regenerates the committed one;
 # `make test` runs the test suite. All set up .venv first.
+# EXTRAS=dev,external also installs the third-party trainers of the external test group (as .ci/run does).
 VENV ?= .venv
 PYTHON ?= python3
+EXTRAS ?= dev
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: demo reports graphviz test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 # graphviz draws the reports' graphs: installed where we can (root on Debian), else the reports say how.

@@ -123,12 +123,18 @@ class GradEvent:
 
 @dataclass
 class RegressionTarget:
-    """A regression loss whose target argument was seen, and what the target carried."""
+    """A regression loss whose target argument carried gradient, and what each side of the loss reached."""
 
     op: str
     location: Location | None
     target_expression: str
     groups_reached: list[str]
+    """Groups the target reaches."""
+    prediction_expression: str = ""
+    """The other operand (`input` in torch's signature)."""
+    prediction_groups: list[str] = field(default_factory=list)
+    shared_groups: list[str] = field(default_factory=list)
+    """Groups holding parameters that both sides reach: the loss moves the target toward the prediction there."""
 
 
 @dataclass
@@ -194,6 +200,17 @@ class Chain:
 
 
 @dataclass
+class Selection:
+    """A max/min that picks, element by element, between a clamped branch and an unclamped twin (PPO's clipping)."""
+
+    op: str
+    location: Location | None
+    expression: str
+    zero_share: float
+    """Fraction of its output elements for which it picks an element the clamp saturated: no gradient flows."""
+
+
+@dataclass
 class Clamp:
     """A clamp-like op on a backward's graph: elements outside its bounds get zero gradient."""
 
@@ -211,6 +228,10 @@ class Clamp:
     """Fraction of elements over the upper bound."""
     gate: bool = False
     """A ReLU-style gate (relu, relu6): listed for reference; an inactive hinge is often a satisfied constraint."""
+    selection: Selection | None = None
+    """The max/min downstream that picks between this clamp's branch and an unclamped twin, if any."""
+    groups_reached: list[str] = field(default_factory=list)
+    """The parameter groups behind the clamp's input: what stops learning where its gradient is zero."""
 
     @property
     def saturated(self) -> float:

@@ -65,3 +65,59 @@ def test_nan_data_reaching_the_loss_is_traced_to_its_op_and_unrelated_nans_are_n
     assert stale.isnan().all()
     (origin,) = audit.trace.nonfinite_origins
     assert (origin.op, origin.expression, origin.backward) == ("log", "torch.log(torch.ones(8, 1) - 2 * step)", 1)
+
+
+def _value_clip_step(clipped_of) -> list:
+    """A critic whose values all sit 1.0 above their old values; returns 10 above: the clip saturates everywhere."""
+    torch.manual_seed(0)
+    critic = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(critic.parameters(), lr=0.1)
+    obs = torch.randn(64, 4)
+    with torch.no_grad():
+        old = critic(obs).squeeze(-1) - 1.0
+    returns = old + torch.where(torch.arange(64) < 48, 10.0, -10.0)
+    with gradaudit.audit() as audit:
+        values = critic(obs).squeeze(-1)
+        loss = torch.max((values - returns) ** 2, clipped_of(values, old, returns)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return [c for c in audit.trace.clamps if not c.gate]
+
+
+def test_a_max_between_a_clamped_branch_and_its_twin_measures_the_dead_elements_it_selects():
+    (clamp,) = _value_clip_step(lambda v, old, r: (old + torch.clamp(v - old, -0.2, 0.2) - r) ** 2)
+    assert clamp.saturated == 1.0 and clamp.groups_reached == ["critic"]
+    # Returns 10 above: the clipped value (old + 0.2) is further from them, so the max selects the dead branch;
+    # returns 10 below: the unclipped value (old + 1) is further, and its gradient flows.
+    assert clamp.selection.op == "max" and clamp.selection.zero_share == 0.75
+    assert clamp.selection.expression.startswith("torch.max((values - returns) ** 2")
+
+
+def test_an_element_fed_by_a_live_path_besides_the_clamp_is_not_dead():
+    (clamp,) = _value_clip_step(lambda v, old, r: (old + torch.clamp(v - old, -0.2, 0.2) + 0 * v - r) ** 2)
+    assert clamp.saturated == 1.0 and clamp.selection is None
+    (clamp,) = _value_clip_step(lambda v, old, r: ((old + torch.clamp(v - old, -0.2, 0.2)).add_(0 * v) - r) ** 2)
+    assert clamp.saturated == 1.0 and clamp.selection is None  # the same, written in place
+
+
+def test_a_hinge_against_a_constant_is_not_a_twin():
+    def hinged(v, old, r):
+        return torch.max((old + torch.clamp(v - old, -0.2, 0.2) - r) ** 2, torch.full_like(r, 50.0))
+
+    (clamp,) = _value_clip_step(hinged)
+    assert clamp.saturated == 1.0 and clamp.selection is None
+
+
+def test_dead_elements_pass_through_a_later_clamp_that_does_not_bind():
+    """PPO with a log-ratio guard: the ratio clip binds nowhere, the guard everywhere; both branches are dead."""
+
+    def guarded_ratio_clip(v, old, r):
+        ratio = torch.clamp(v - old, -0.2, 0.2).exp()
+        return torch.max(-r * ratio, -r * torch.clamp(ratio, 0.0, 10.0))
+
+    clamps = _value_clip_step(lambda v, old, r: guarded_ratio_clip(v, old, r) - (v - r) ** 2)
+    guard, ratio_clip = sorted(clamps, key=lambda c: c.upper)
+    assert guard.saturated == 1.0 and ratio_clip.saturated == 0.0
+    assert ratio_clip.selection is None
+    assert guard.selection.zero_share == 1.0  # whichever branch the max selects, the guard killed its gradient

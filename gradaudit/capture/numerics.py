@@ -1,15 +1,20 @@
-"""Numerics of single ops, measured on their inputs as the op runs: clamp saturation, exp inputs, NaN/Inf births.
+"""Numerics of single ops, measured on their inputs as the op runs: clamp saturation, exp inputs, NaN/Inf births,
+and which branch a max/min over a clamped value and its unclamped twin selects.
 
 Measured before the op executes, so in-place variants (`clamp_`, `exp_`) are seen on their real inputs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+import operator
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 CLAMPS = frozenset({"clamp", "clip", "clamp_", "clip_", "clamp_min", "clamp_max", "clamp_min_", "clamp_max_"})
 HARDTANH = frozenset({"hardtanh", "hardtanh_"})
@@ -25,6 +30,18 @@ NONFINITE_SOURCES = frozenset(
     }
 )  # fmt: skip
 """Ops that turn finite inputs into NaN or Inf (domain edges, overflow, division by zero)."""
+ELEMENTWISE = frozenset(
+    {
+        "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__", "rsub",
+        "subtract", "mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "div", "div_", "__truediv__",
+        "__rtruediv__", "__itruediv__", "true_divide", "divide", "neg", "neg_", "__neg__", "negative", "pow", "pow_",
+        "__pow__", "__rpow__", "square", "abs", "abs_", "__abs__", "exp", "exp_", "log", "log_", "log1p", "expm1",
+        "sqrt", "tanh", "sigmoid", "float", "double", "half", "to", "type_as", "clone", "contiguous",
+    }
+)  # fmt: skip
+"""Ops whose output element i depends only on input element i (after broadcasting)."""
+SELECTIONS = {"max": "max", "min": "min", "maximum": "max", "minimum": "min", "fmax": "max", "fmin": "min"}
+"""Elementwise max/min of two tensors: the gradient goes to the selected operand only (split on ties)."""
 
 
 @dataclass
@@ -35,6 +52,8 @@ class ClampStats:
     below: float
     above: float
     gate: bool
+    saturated: torch.Tensor | None = None
+    """The elements outside the bounds of a clamp (not a gate) that has any; handed to `SaturationTracker.start`."""
 
 
 @dataclass
@@ -84,9 +103,13 @@ def measure(op: str, args: tuple, kwargs: dict) -> ClampStats | ExpStats | None:
     if op in HARDTANH:
         lower, upper = -1.0 if lower is None else lower, 1.0 if upper is None else upper
     n = x.numel()
-    below = float((x < lower).sum()) / n if lower is not None else 0.0
-    above = float((x > upper).sum()) / n if upper is not None else 0.0
-    return ClampStats(_bound(lower, "min"), _bound(upper, "max"), n, below, above, op in GATES)
+    outside = [x < lower if lower is not None else None, x > upper if upper is not None else None]
+    below, above = (float(mask.sum()) / n if mask is not None else 0.0 for mask in outside)
+    gate = op in GATES
+    stats = ClampStats(_bound(lower, "min"), _bound(upper, "max"), n, below, above, gate)
+    if not gate and below + above > 0:
+        stats.saturated = functools.reduce(operator.or_, [mask for mask in outside if mask is not None])
+    return stats
 
 
 def _exp_stats(x: torch.Tensor) -> ExpStats:
@@ -96,6 +119,114 @@ def _exp_stats(x: torch.Tensor) -> ExpStats:
     overflow = int((finite > overflow_at).sum())
     max_output = math.exp(max_input) if max_input <= overflow_at else None
     return ExpStats(str(x.dtype).removeprefix("torch."), max_input, max_output, overflow, x.numel())
+
+
+@dataclass
+class _ZeroGrad:
+    """Elements of a tensor that pass no gradient back (every path from them runs through a saturated clamp
+    element), and for each clamp behind the tensor, the elements it saturated on their path."""
+
+    zero: torch.Tensor
+    by_clamp: dict[Hashable, torch.Tensor] = field(default_factory=dict)
+
+
+class SaturationTracker:
+    """Follows the elements a clamp saturated through elementwise ops to a max/min that picks between the clamped
+    branch and an unclamped twin (PPO's ratio and value clipping), and measures how often it picks a dead element."""
+
+    def __init__(self) -> None:
+        self._state: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def __bool__(self) -> bool:
+        return len(self._state) > 0
+
+    def start(
+        self, output: torch.Tensor, clamp: Hashable, saturated: torch.Tensor | None, inputs: list[torch.Tensor]
+    ) -> None:
+        """A clamp's output: dead where the clamp saturated (None: nowhere) and where its input already was."""
+        state = _ZeroGrad(torch.zeros((), dtype=torch.bool, device=output.device).expand(output.shape))
+        if saturated is not None and (own := _broadcast(saturated, output)) is not None:
+            state = _ZeroGrad(own, {clamp: own})
+        upstream = self._state.get(inputs[0]) if inputs else None
+        if upstream is not None and (zero := _broadcast(upstream.zero, output)) is not None:
+            state.zero = state.zero | zero
+            state.by_clamp.update(_aligned(upstream.by_clamp, output))
+        if state.by_clamp:
+            self._state[output] = state
+
+    def follow(self, op: str, args: tuple, kwargs: dict, output: torch.Tensor) -> dict[Hashable, float]:
+        """Carries dead elements through an elementwise op; at a max/min of two graph operands returns, per clamp
+        behind them, the share of output elements whose selected operand is dead because of that clamp."""
+        if op in SELECTIONS:
+            other = args[1] if len(args) > 1 else kwargs.get("other")
+            if len(args) and isinstance(args[0], torch.Tensor) and isinstance(other, torch.Tensor):
+                return self._select(SELECTIONS[op], args[0], other, output)
+        graph_inputs = [*_graph_tensors(args), *_graph_tensors(kwargs.values())] if op in ELEMENTWISE else []
+        state = self._carried(graph_inputs, output)
+        if state is not None:
+            self._state[output] = state
+        elif output in self._state:  # an in-place op rewrote a tracked tensor
+            del self._state[output]
+        return {}
+
+    def _carried(self, graph_inputs: list[torch.Tensor], output: torch.Tensor) -> _ZeroGrad | None:
+        """An output element is dead when it is dead in every input that carries a graph."""
+        states = [self._state.get(t) for t in graph_inputs]
+        if not states or any(s is None for s in states):
+            return None
+        zeros = [_broadcast(s.zero, output) for s in states]
+        if any(z is None for z in zeros):
+            return None
+        state = _ZeroGrad(functools.reduce(operator.and_, zeros))
+        for s in states:
+            for clamp, mask in _aligned(s.by_clamp, output):
+                state.by_clamp[clamp] = state.by_clamp[clamp] | mask if clamp in state.by_clamp else mask
+        return state
+
+    def _select(self, kind: str, a: torch.Tensor, b: torch.Tensor, output: torch.Tensor) -> dict[Hashable, float]:
+        if not (a.requires_grad and b.requires_grad):
+            return {}  # a hinge against a constant, not a twin: the clamp keeps the bare-clamp rule
+        sides = [self._state.get(a), self._state.get(b)]
+        if sides == [None, None]:
+            return {}
+        a, b = a.detach(), b.detach()
+        picks_a, picks_b = (a > b, b > a) if kind == "max" else (a < b, b < a)
+        tie = ~(picks_a | picks_b)
+        picked = [_broadcast(picks_a | tie, output), _broadcast(picks_b | tie, output)]
+        dead = [_dead(state, output) for state in sides]
+        # The gradient reaches a dead element only: on a tie both operands share it, so both must be dead.
+        lost = _broadcast((picks_a & dead[0]) | (picks_b & dead[1]) | (tie & dead[0] & dead[1]), output)
+        if lost is None or None in picked:
+            return {}
+        caused: dict[Hashable, torch.Tensor] = {}
+        for side, state in enumerate(sides):
+            for clamp, behind in _aligned(state.by_clamp if state is not None else {}, output):
+                here = lost & picked[side] & behind
+                caused[clamp] = caused[clamp] | here if clamp in caused else here
+        return {clamp: float(mask.sum()) / max(output.numel(), 1) for clamp, mask in caused.items()}
+
+
+def _graph_tensors(values: Any) -> list[torch.Tensor]:
+    return [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
+def _aligned(by_clamp: dict[Hashable, torch.Tensor], like: torch.Tensor) -> list[tuple[Hashable, torch.Tensor]]:
+    return [(clamp, m) for clamp, mask in by_clamp.items() if (m := _broadcast(mask, like)) is not None]
+
+
+def _dead(state: _ZeroGrad | None, like: torch.Tensor) -> torch.Tensor:
+    found = _broadcast(state.zero, like) if state is not None else None
+    return found if found is not None else torch.zeros((), dtype=torch.bool, device=like.device)
+
+
+def _broadcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """The mask in `like`'s shape and device, or None when the op was not elementwise after all."""
+    try:
+        if torch.broadcast_shapes(mask.shape, like.shape) != like.shape:
+            return None
+    except RuntimeError:
+        return None
+    return mask.to(like.device).expand(like.shape)
 
 
 def nonfinite_birth(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

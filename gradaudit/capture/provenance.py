@@ -14,6 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any
 
 import torch
@@ -27,11 +28,12 @@ from gradaudit.capture.numerics import (
     NONFINITE_SOURCES,
     ClampStats,
     ExpStats,
+    SaturationTracker,
     measure,
     nonfinite_birth,
 )
 from gradaudit.capture.source import call_argument_text, called_by_user, expression_of, location_of, user_frame
-from gradaudit.trace import Break, Location
+from gradaudit.trace import Break, Location, Selection
 
 _DETACHING = {torch.Tensor.detach, torch.detach, torch.Tensor.detach_}
 _FROM_DATA = {torch.as_tensor, torch.tensor, torch.from_numpy, torch.Tensor.new_tensor, torch.asarray}
@@ -63,13 +65,18 @@ class OpRecord:
 
 @dataclass
 class RegressionCall:
+    """A symmetric regression loss (mse, l1, smooth_l1, huber) whose two operands both carry a graph."""
+
     op: str
     location: Location | None
     target_expression: str
     target_node: Any
+    """The `target` argument by torch's signature; for these losses the order says nothing about intent."""
+    prediction_expression: str
+    prediction_node: Any
 
 
-@dataclass
+@dataclass(eq=False)
 class Measured:
     """A clamp or exp on a graph, with its input statistics; claimed by the backward whose graph holds `node`."""
 
@@ -77,6 +84,8 @@ class Measured:
     record: OpRecord
     stats: ClampStats | ExpStats
     clock: int
+    selection: Selection | None = None
+    """For a clamp: the max/min downstream that picks between it and an unclamped twin (the worst seen)."""
 
 
 @dataclass
@@ -114,11 +123,14 @@ class ProvenanceMode(TorchFunctionMode):
         self.constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.named_constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.python_values: dict[float, Break] = {}
+        self.numbers_seen: dict[tuple[CodeType, int, CodeType | None, int], numbers.Number] = {}
+        """The first number each call site (and its caller's) turned into a tensor: if it changes, data feeds it."""
         self.regression_calls: list[RegressionCall] = []
         self.lineage: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.measured: deque[Measured] = deque(maxlen=_MAX_PENDING)
         self.nonfinite: deque[NonFiniteCandidate] = deque(maxlen=_MAX_PENDING)
         """Candidates on graphs, found by their node."""
+        self.saturation = SaturationTracker()
         self.nonfinite_from: WeakIdKeyDictionary = WeakIdKeyDictionary()
         """Constant tensor -> the candidates its data came through, so that NaN data reaching a loss is traced."""
         self.clock = 0
@@ -174,7 +186,7 @@ class ProvenanceMode(TorchFunctionMode):
         )
         if not outputs:
             return
-        needs_inputs = self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES
+        needs_inputs = self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES or stats is not None
         inputs = list(_tensors([*args, *kwargs.values()])) if needs_inputs else []
         if self.lineage:
             self._inherit_lineage(inputs, outputs)
@@ -184,8 +196,10 @@ class ProvenanceMode(TorchFunctionMode):
         if tracked:
             record = self._record_graph_op(func, args, kwargs, tracked)
             record.nonfinite_inputs = sources
-            if stats is not None:
-                self.measured.append(Measured(tracked[0].grad_fn, record, stats, self.clock))
+            measured = Measured(tracked[0].grad_fn, record, stats, self.clock) if stats is not None else None
+            if measured is not None:
+                self.measured.append(measured)
+            self._follow_saturation(name, args, kwargs, inputs, tracked[0], record, measured)
         elif all(not o.requires_grad for o in outputs):
             origin = self._constant_origin(func, args, kwargs)
             if origin is not None:
@@ -203,6 +217,26 @@ class ProvenanceMode(TorchFunctionMode):
         if sources and not tracked:
             for output in outputs:
                 self.nonfinite_from[output] = sources
+
+    def _follow_saturation(
+        self,
+        name: str,
+        args: tuple,
+        kwargs: dict,
+        inputs: list[torch.Tensor],
+        output: torch.Tensor,
+        record: OpRecord,
+        measured: Measured | None,
+    ) -> None:
+        """Starts at a clamp, follows its saturated elements through elementwise ops, and at a max/min between a
+        clamped branch and its twin, notes on each clamp the share of elements where the pick has no gradient."""
+        if measured is not None and isinstance(measured.stats, ClampStats) and not measured.stats.gate:
+            saturated, measured.stats.saturated = measured.stats.saturated, None
+            self.saturation.start(output, measured, saturated, inputs)
+        elif self.saturation:
+            for clamp, share in self.saturation.follow(name, args, kwargs, output).items():
+                if clamp.selection is None or share > clamp.selection.zero_share:
+                    clamp.selection = Selection(name, record.location, record.expression, share)
 
     def _nonfinite_sources(self, inputs: list[torch.Tensor]) -> list[NonFiniteCandidate]:
         found = [c for tensor in inputs for c in self.nonfinite_from.get(tensor, ())]
@@ -255,11 +289,26 @@ class ProvenanceMode(TorchFunctionMode):
         while len(self.records) > _MAX_RECORDS:
             self.records.popitem(last=False)
         if func in _REGRESSION_LOSSES:
-            target = args[1] if len(args) > 1 else kwargs.get("target")
-            if isinstance(target, torch.Tensor) and target.grad_fn is not None:
-                text = call_argument_text(record.expression, 1, "target")
-                self.regression_calls.append(RegressionCall(record.op, record.location, text, target.grad_fn))
+            self._note_regression_call(record, args, kwargs)
         return record
+
+    def _note_regression_call(self, record: OpRecord, args: tuple, kwargs: dict) -> None:
+        """Keeps both operands' nodes: a target that carries gradient matters only where both sides share parameters
+        (`F.mse_loss(returns, values)` with detached returns is as clean as `F.mse_loss(values, returns)`)."""
+        prediction = args[0] if args else kwargs.get("input")
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if not all(isinstance(t, torch.Tensor) and t.grad_fn is not None for t in (prediction, target)):
+            return
+        self.regression_calls.append(
+            RegressionCall(
+                record.op,
+                record.location,
+                call_argument_text(record.expression, 1, "target"),
+                target.grad_fn,
+                call_argument_text(record.expression, 0, "input"),
+                prediction.grad_fn,
+            )
+        )
 
     @staticmethod
     def _factor(op: str, index: int, value: float) -> float | None:
@@ -281,7 +330,7 @@ class ProvenanceMode(TorchFunctionMode):
             if isinstance(data, torch.Tensor):
                 return self.constants.get(data)
             if isinstance(data, numbers.Number):
-                return self.python_values.get(float(data)) or self._break_here("literal", func)
+                return self._number_origin(data, func)
             return self._break_here("from_data", func)
         inherited = [self.constants.get(t) or Break("unknown", "", None) for t in inputs if not t.requires_grad]
         if not inputs:
@@ -290,6 +339,23 @@ class ProvenanceMode(TorchFunctionMode):
             (b for b in inherited if b.kind not in _HARMLESS_KINDS), key=lambda b: _CAUSE_PRIORITY.index(b.kind)
         )
         return causes[0] if causes else (inherited[0] if inherited else None)
+
+    def _number_origin(self, value: numbers.Number, func: Callable) -> Break:
+        """A number turned into a tensor is a literal only when it is written in the calling code or is the same
+        every time that line runs; a numpy scalar (np.float64 is a float) or a number that changes is data."""
+        if type(value).__module__ == "numpy":
+            return self._break_here("from_data", func)
+        from_graph = self.python_values.get(float(value))
+        if from_graph is not None:
+            return from_graph
+        frame = user_frame()
+        caller = frame.f_back if frame is not None else None
+        if frame is None or any(value in f.f_code.co_consts for f in (frame, caller) if f is not None):
+            return self._break_here("literal", func)  # written here, or passed by a helper's caller
+        site = (frame.f_code, frame.f_lasti, caller.f_code if caller else None, caller.f_lasti if caller else -1)
+        first = self.numbers_seen.setdefault(site, value)
+        same = first == value or (first != first and value != value)  # NaN is the same NaN
+        return self._break_here("literal" if same else "from_data", func)
 
     def _observe_python_value(self, tensor: Any, value: Any) -> None:
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:

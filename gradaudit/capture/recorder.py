@@ -264,17 +264,22 @@ class Recorder:
         self.module_groups: dict[int, tuple[nn.Module, str | None]] = {}
         self.outer_frames: frozenset[int] = frozenset()
         """The frames that were running when the audit started: names are looked for below them."""
-        self.module_inputs: deque[tuple[str, Any]] = deque(maxlen=_MAX_MODULE_INPUTS)
+        self.module_inputs: deque[tuple[tuple[str, ...], Any]] = deque(maxlen=_MAX_MODULE_INPUTS)
+        """(every parameter group of a top-level module call, the graph node of one of its inputs)."""
         self.user_term_names: dict[int, tuple[Any, str]] = {}
         self.user_constant_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.events: list[_Event] = []
         self.backwards: list[_BackwardRecord] = []
-        self.regression_targets: list[tuple[Any, list[int]]] = []
+        self.regression_targets: list[tuple[Any, list[int], list[int]]] = []
+        """(call, parameters the target reaches, parameters the prediction reaches)."""
         self.chain_tracker = ChainTracker(self.mode)
         self.raw_graphs = RawGraphRecorder()
-        self.measured: list[tuple[Measured, int]] = []
+        self.measured: list[tuple[Measured, int, list[int]]] = []
+        """(clamp or exp, the backward whose graph holds it, the parameters behind a clamp)."""
         self.nonfinite_origins: list[tuple[NonFiniteCandidate, int]] = []
         self._clock_at_last_step = 0
+        self._step_started: dict[int, int] = {}
+        """Optimizer index -> the event count when its step() began, while that step runs (a closure may run)."""
         self.iterations = 0
         self.stopped_by = "context-exit"
         self.internal_errors = 0
@@ -493,9 +498,11 @@ class Recorder:
         group = self._module_group(module, user_frame())
         if group is None or not torch.is_grad_enabled():
             return
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.grad_fn is not None:
-                self.module_inputs.append((group, arg.grad_fn))
+        nodes = [arg.grad_fn for arg in args if isinstance(arg, torch.Tensor) and arg.grad_fn is not None]
+        if nodes:
+            # A submodule named on its own earlier (d3rlpy's Q-function encoder) is fed by the same inputs.
+            groups = tuple({self._param(p).group or group: None for p in module.parameters()})
+            self.module_inputs.extend((groups, node) for node in nodes)
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._recording():
@@ -614,12 +621,24 @@ class Recorder:
         location = location_of(frame)
         self._checkpoint(location)
         owned = self._owned(record)
+        read_by_step = self._accumulated_during_step(record.index)
         for param in owned:
             if param.pending:
+                if id(param.tensor) in read_by_step:
+                    by = f"{self._label(record)}.step() (its closure)"
+                    self._event("apply", param, optimizer=record.index, by=by, location=location)
                 self._event(
                     "wipe", param, optimizer=record.index, by=f"{self._label(record)}.zero_grad()", location=location
                 )
         return owned
+
+    def _accumulated_during_step(self, optimizer: int) -> set[int]:
+        """Parameters a backward filled since this optimizer's step() began: a zero_grad() inside the step (an
+        L-BFGS closure re-evaluating the loss) comes after the step has read those gradients."""
+        started = self._step_started.get(optimizer)
+        if started is None:
+            return set()
+        return {event.param for event in self.events[started:] if event.kind == "accumulate"}
 
     def _owned(self, record: _Optimizer) -> list[_Param]:
         return [self._param(p) for group in record.optimizer.param_groups for p in group["params"]]
@@ -638,6 +657,7 @@ class Recorder:
         frame = user_frame()
         record = self._optimizer(optimizer, frame)
         self._checkpoint(location_of(frame))
+        self._step_started[record.index] = len(self.events)
         if self.foreign_backwards:
             self._note_gradients_from_other_threads(record)
         if record.index in self._stepped_this_iteration:
@@ -660,6 +680,7 @@ class Recorder:
     def _note_step(self, optimizer: torch.optim.Optimizer) -> None:
         record = self._optimizer(optimizer, user_frame())
         record.steps += 1
+        self._step_started.pop(record.index, None)
         location = here()
         for param in self._owned(record):
             if param.pending and param.tensor.grad is not None:
@@ -742,6 +763,7 @@ class Recorder:
         if self._steps_open and not self._closures_open:
             self._steps_open = 1
             self._resume_after_step()
+            self._step_started.clear()
 
     def _observed_closure(
         self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
@@ -927,14 +949,20 @@ class Recorder:
 
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
         upstream: dict[str, set[int]] = {}
-        for group, node in self.module_inputs:
+        for groups, node in self.module_inputs:
             if view.holds(node):
-                upstream.setdefault(group, set()).update(view.params_reached(node))
+                reached = view.params_reached(node)
+                for group in groups:
+                    upstream.setdefault(group, set()).update(reached)
         return {group: sorted(pids) for group, pids in upstream.items()}
 
     def _note_numerics(self, view: GraphView, backward: int, loss_finite: bool) -> None:
         """Claims the clamps and exps on this graph; for a non-finite loss, finds the op where NaN/Inf was born."""
-        self.measured += [(m, backward) for m in self.mode.measured if view.holds(m.node)]
+        self.measured += [
+            (m, backward, view.params_reached(m.node) if isinstance(m.stats, ClampStats) and not m.stats.gate else [])
+            for m in self.mode.measured
+            if view.holds(m.node)
+        ]
         if loss_finite:
             return
         reaching = [c for c in self.mode.nonfinite if view.holds(c.node)]
@@ -948,11 +976,10 @@ class Recorder:
     def _note_regression_targets(self, view: GraphView) -> None:
         remaining = []
         for call in self.mode.regression_calls:
-            node = call.target_node
-            if view.holds(node):
-                reached = view.params_reached(node)
+            if view.holds(call.target_node):
+                reached = view.params_reached(call.target_node)
                 if reached:
-                    self.regression_targets.append((call, reached))
+                    self.regression_targets.append((call, reached, view.params_reached(call.prediction_node)))
             else:
                 remaining.append(call)
         self.mode.regression_calls[:] = remaining[-1000:]
@@ -1021,8 +1048,16 @@ class Recorder:
                 for e in self.events
             ],
             regression_targets=[
-                RegressionTarget(call.op, call.location, call.target_expression, group_list(pids))
-                for call, pids in self.regression_targets
+                RegressionTarget(
+                    call.op,
+                    call.location,
+                    call.target_expression,
+                    group_list(target_pids),
+                    call.prediction_expression,
+                    group_list(prediction_pids),
+                    group_list(sorted(set(target_pids) & set(prediction_pids))),
+                )
+                for call, target_pids, prediction_pids in self.regression_targets
             ],
             chains=[
                 Chain(self._module_label(c.module, names), c.backward, c.location, c.calls)
@@ -1040,8 +1075,10 @@ class Recorder:
                     m.stats.below,
                     m.stats.above,
                     m.stats.gate,
+                    m.selection,
+                    group_list(behind),
                 )
-                for m, backward in self.measured
+                for m, backward, behind in self.measured
                 if isinstance(m.stats, ClampStats)
             ],
             exps=[
@@ -1056,7 +1093,7 @@ class Recorder:
                     m.stats.overflow,
                     m.stats.elements,
                 )
-                for m, backward in self.measured
+                for m, backward, _ in self.measured
                 if not isinstance(m.stats, ClampStats)
             ],
             nonfinite_origins=[

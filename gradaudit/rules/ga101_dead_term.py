@@ -56,7 +56,9 @@ RULE = Rule(
         "A term added to the loss that carries no gradient changes the loss value you log but not a single "
         "parameter update: a constraint, penalty or auxiliary loss that silently does nothing. Typical causes are "
         "a violation computed from observed data (torch.as_tensor of rewards), a .detach() or torch.no_grad() "
-        "too early, or a .item() round trip. Literal constants (`loss + 1e-8`) are not reported."
+        "too early, or a .item() round trip. Literal constants (`loss + 1e-8`, or a number that is the same in every "
+        "iteration) are not reported; a number computed at run time from data (a numpy scalar such as "
+        "`np.sort(returns)[:k].mean()`, `float()` of a numpy value) is data."
     ),
     bad=(
         "rewards = torch.as_tensor(batch_rewards)            # no autograd history\n"

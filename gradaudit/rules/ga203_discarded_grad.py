@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 from gradaudit.findings import Finding, Rule, Severity
 from gradaudit.rules.flow import Contribution, backward_text, contributions, describe_group
@@ -20,13 +20,20 @@ def _role(trace: Trace, backward: int, group: str, trained: set[str]) -> tuple[s
     return "independent", ""
 
 
+def _site(trace: Trace, backward: int) -> Hashable:
+    """The loss a backward belongs to: its call site, the same in every iteration."""
+    return trace.backwards[backward].location or backward
+
+
 def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
     params = {p.name: p for p in trace.parameters}
     replay = contributions(trace)
     trained: dict[int, set[str]] = {}
+    trained_by: dict[str, set[Hashable]] = {}  # group -> the losses (backward sites) some step applied to it
     for c in replay:
         if c.applied_by:
             trained.setdefault(c.backward, set()).add(params[c.param].group)
+            trained_by.setdefault(params[c.param].group, set()).add(_site(trace, c.backward))
     discarded: dict[tuple[str, int, str], list[Contribution]] = {}
     for c in replay:
         param = params[c.param]
@@ -38,6 +45,9 @@ def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
         if role is None:
             continue
         kind, consumer = role
+        losses_training_it = trained_by.get(group, set())
+        if kind == "independent" and losses_training_it and _site(trace, backward) not in losses_training_it:
+            continue  # reached in passing (a loss coefficient, a module it evaluates), trained by its own loss
         subject = describe_group(trace, group, sorted({c.param for c in lost}))
         wipe = lost[0].wiped_by
         where = f" at {wipe.location}" if wipe and wipe.location else ""
@@ -69,7 +79,12 @@ RULE = Rule(
         "first: A never learns from that loss. The classic case is a shared observation encoder placed in the "
         "actor's optimizer while the critic loss is the signal meant to shape it. Downstream evaluators (SAC's "
         "actor loss through the critic, a GAN generator loss through the discriminator) also get gradients that "
-        "are wiped; that is normal and not reported. The message says which role the module played."
+        "are wiped; that is normal and not reported, and neither is a gradient that reaches a module trained by "
+        "another loss only in passing (a learned temperature or Lagrange multiplier scaling a term of the actor "
+        "or critic loss). A zero_grad() inside an optimizer's own step (an L-BFGS closure re-evaluating the loss) "
+        "comes after the step has read the gradients: they count as applied. What remains at info level is a "
+        "gradient from a loss that trains the module at other times (zero_grad() between accumulated "
+        "micro-batches) or a module no step ever updates. The message says which role the module played."
     ),
     bad=(
         "actor_opt = Adam([*actor_vae.parameters(), *encoder.parameters()])\n"

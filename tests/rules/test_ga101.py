@@ -53,3 +53,52 @@ def test_detached_term_names_the_detach_line():
     (finding,) = audit.findings
     assert (finding.rule, finding.subject) == ("GA101", "l2_penalty")
     assert ".detach()" in finding.message
+
+
+NUMPY_PENALTIES = {
+    "sort-mean": ("as_tensor", "torch.as_tensor(np.sort(returns)[:WORST].mean())"),
+    "sum": ("tensor", "torch.tensor(np.minimum(returns, 0).sum())"),
+    "float": ("tensor", "torch.tensor(worst)"),
+}
+
+
+def test_numbers_computed_from_data_are_dead_terms(gradaudit_cli):
+    """A numpy scalar, and a Python float that changes every iteration, are data, not literals."""
+    for kind, (op, expression) in NUMPY_PENALTIES.items():
+        result = gradaudit_cli("run", "numpy_penalty.py", "--", "--penalty", kind)
+        (finding,) = result.findings("GA101")
+        assert finding["subject"] == "LAM * penalty", kind
+        assert finding["location"]["line"] == fixture_line("numpy_penalty.py", "GA101-here")
+        break_line = fixture_line("numpy_penalty.py", f"GA101-{kind}")
+        assert (
+            f"built from data that has no autograd history ({op} `{expression}` at numpy_penalty.py:{break_line})"
+            in finding["message"]
+        )
+
+
+def test_literals_constants_and_predicted_penalties_are_clean(gradaudit_cli):
+    for kind in ("predicted", "constant", "literal"):
+        assert gradaudit_cli("run", "numpy_penalty.py", "--", "--penalty", kind).findings() == [], kind
+
+
+def test_a_helper_called_with_different_constants_is_not_fed_by_data():
+    import math
+
+    import torch
+
+    import gradaudit
+
+    margin = math.log(3)  # computed, not written: constant because it is the same every iteration
+
+    def as_tensor(value):
+        return torch.tensor(value)
+
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    with gradaudit.audit() as audit:
+        for _ in range(3):
+            loss = (w * 2).sum() + as_tensor(margin) + as_tensor(2 * margin)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert audit.findings == []

@@ -59,3 +59,29 @@ def test_orphan_message_names_the_first_tensors_and_counts_the_rest():
     shown = ", ".join(names[:5])
     assert (finding.subject, finding.location) == ("classifier", None)
     assert finding.message.startswith(f"classifier (12 tensors: {shown} and 7 more) receives gradient")
+
+
+def test_critics_evaluating_the_actor_and_coefficients_trained_by_their_own_loss_are_clean(gradaudit_cli):
+    """d3rlpy's CQL shape: the actor loss reaches the critics (Q-function encoders named on their own) and the
+    temperature, the critic loss reaches the conservative multiplier; each is trained by its own loss."""
+    result = gradaudit_cli("run", "offline_actor_critic.py")
+    assert result.findings() == []
+    optimizers = {g["group"]: g["optimizers"] for g in result.report["groups"]}
+    assert optimizers["log_temp"] == ["temp_optim"] and optimizers["encoder"] == ["critic_optim"]
+
+
+def test_zero_grad_inside_an_lbfgs_closure_comes_after_the_step_read_the_gradient(gradaudit_cli, tmp_path):
+    trace_path = tmp_path / "trace.json"
+    result = gradaudit_cli("run", "closure.py", "--save-trace", str(trace_path))
+    assert result.findings() == []
+    trace = Trace.load(trace_path)
+    read = [e for e in trace.events if e.kind == "apply" and e.by == "optimizer.step() (its closure)"]
+    assert read and {e.location.line for e in read} == {fixture_line("closure.py", "closure-zero-grad")}
+
+
+def test_zero_grad_between_accumulated_micro_batches_is_reported(gradaudit_cli):
+    result = gradaudit_cli("run", "grad_accumulation.py", "--", "--zero-grad-inside")
+    (finding,) = result.findings("GA203")
+    assert (finding["severity"], finding["subject"]) == ("info", "model")
+    assert "wiped by optimizer.zero_grad()" in finding["message"]
+    assert finding["location"]["line"] == fixture_line("grad_accumulation.py", "GA203-here")

@@ -4,7 +4,7 @@ import math
 
 from gradaudit.findings import Severity
 from gradaudit.rules import ga303_saturated_clamp, ga304_exp_overflow
-from gradaudit.trace import Clamp, Exp, Location, Trace, Window
+from gradaudit.trace import Clamp, Exp, Location, Selection, Trace, Window
 from tests.conftest import fixture_line
 
 CLAMP_SITE = Location("ppo.py", 40, "update")
@@ -14,8 +14,19 @@ OVERFLOW = ga304_exp_overflow.RULE
 LOG_RATIO_CLAMP = "torch.clamp(new_logp - old_logp, -20, 20)"
 
 
+MAX_SITE = Location("ppo.py", 44, "update")
+VALUE_CLIP = "torch.clamp(v - v_old, -0.2, 0.2)"
+
+
 def clamp(below, above, backward=0, lower=-20.0, upper=20.0, op="clamp", gate=False, expression=LOG_RATIO_CLAMP):
     return Clamp(op, CLAMP_SITE, expression, backward, lower, upper, 256, below, above, gate)
+
+
+def value_clip(saturated, selected_dead, backward=0):
+    selection = Selection("max", MAX_SITE, "torch.max(unclipped, clipped)", selected_dead)
+    return Clamp(
+        "clamp", CLAMP_SITE, VALUE_CLIP, backward, -0.2, 0.2, 256, 0.0, saturated, False, selection, ["critic"]
+    )
 
 
 def exp(max_input, overflow=0, backward=0, max_output=None, dtype="float32"):
@@ -69,6 +80,20 @@ def test_clamp_passes_are_merged_and_the_worst_reported():
     assert "worst of 3 backward passes (2 over the threshold)" in finding.message
 
 
+def test_clamp_with_a_twin_is_judged_by_the_elements_its_max_selects():
+    (finding,) = SATURATED.run(trace_with([value_clip(0.9, 0.1, backward=0), value_clip(0.95, 0.73, backward=1)]))
+    assert (finding.rule, finding.subject, finding.location) == ("GA303", VALUE_CLIP, CLAMP_SITE)
+    assert "for 73% of the elements the max `torch.max(unclipped, clipped)` at ppo.py:44 selects" in finding.message
+    assert "their gradient is zero, so critic stops learning from those samples" in finding.message
+    assert "95% of its 256 elements are outside [-0.2, 0.2]" in finding.message
+    assert "worst of 2 backward passes (1 over the threshold)" in finding.message
+    assert "clip range" in finding.hint
+
+
+def test_saturated_clamp_whose_max_selects_the_unclamped_twin_is_clean():
+    assert SATURATED.run(trace_with([value_clip(1.0, 0.0), value_clip(0.8, 0.5, backward=1)])) == []
+
+
 # GA304 exp-overflow ------------------------------------------------------------------------------------------------
 
 
@@ -114,11 +139,14 @@ def test_ppo_against_far_away_log_probs_saturates_the_guard_and_feeds_exp_large_
     assert finding["severity"] == "warning"
     assert "[-20, 20]" in finding["message"]
     assert finding["location"]["line"] == fixture_line("ppo_clamp.py", "GA303-here")
-    # PPO's own ratio clip saturates as well: the update is far outside its trust region.
-    assert {f["subject"] for f in result.findings("GA303")} <= {
-        LOG_RATIO_CLAMP,
-        "torch.clamp(ratio, 1 - CLIP, 1 + CLIP)",
-    }
+    # Every element the guard saturates is dead in both branches of PPO's max, whichever it selects.
+    assert (
+        "for 75.4% of the elements the max `torch.max(-advantages * ratio, -advantages * clipped)`"
+        in finding["message"]
+    )
+    assert "log_std, policy stop learning from those samples" in finding["message"]
+    # The ratio clip's own saturated elements are selected for fewer than half of the samples: not reported.
+    assert [f["subject"] for f in result.findings("GA303")] == [LOG_RATIO_CLAMP]
     (finding,) = result.findings("GA304")
     assert finding["severity"] == "warning"
     assert finding["subject"] == "torch.exp(log_ratio)"
@@ -130,3 +158,27 @@ def test_healthy_ppo_update_is_clean(gradaudit_cli):
     result = gradaudit_cli("run", "ppo_clamp.py")
     assert result.at_least_warning() == []
     assert result.exit_code == 0
+
+
+def test_value_clip_too_small_for_the_value_scale_stops_the_critic(gradaudit_cli):
+    result = gradaudit_cli("run", "ppo_value_clip.py", "--", "--value-offset", "10")
+    (finding,) = result.findings("GA303")
+    assert finding["subject"] == "torch.clamp(value_change, -CLIP_VF, CLIP_VF)"
+    assert finding["location"]["line"] == fixture_line("ppo_value_clip.py", "GA303-here")
+    max_line = fixture_line("ppo_value_clip.py", "GA303-max")
+    assert (
+        f"the max `torch.max(value_loss_unclipped, value_loss_clipped)` at ppo_value_clip.py:{max_line}"
+        in finding["message"]
+    )
+    assert "critic stops learning from those samples" in finding["message"]
+    assert result.codes() == ["GA303"]
+
+
+def test_ppo_clips_in_a_normal_regime_and_a_drifted_critic_are_clean(gradaudit_cli):
+    """With the drifted critic the value clamp saturates on every element, but the max selects the unclipped
+    branch, which carries the gradient back: the bare-clamp rule would have cried wolf."""
+    for args in ([], ["--drifted-critic"]):
+        result = gradaudit_cli("run", "ppo_value_clip.py", "--", *args)
+        assert result.findings() == [], args
+    value_clamp = next(c for c in result.report["clamps"] if "value_change" in c["expression"])
+    assert value_clamp["saturated"] == 1.0
