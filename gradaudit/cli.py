@@ -102,9 +102,14 @@ def run(
     option: OptionOption = None,
     quiet: QuietOption = False,
     term_grads: Annotated[bool, typer.Option(help="measure each loss term's gradient per parameter group")] = True,
+    max_terms: Annotated[
+        int | None,
+        typer.Option("--max-terms", min=1, help="loss terms reported per backward root; the rest are merged into one"),
+    ] = None,
 ) -> None:
     """Run a training program under audit: `gradaudit run train.py -- --lr 3e-4`."""
     from gradaudit.capture import Audit
+    from gradaudit.capture.graph import MAX_TERMS
     from gradaudit.runner import ProgramNotFound, run_program
 
     config = settings(select, ignore, fail_on, option, iterations)
@@ -120,6 +125,7 @@ def run(
     audit = Audit(
         iterations=config.iterations,
         term_grads=term_grads,
+        max_terms=MAX_TERMS if max_terms is None else max_terms,
         select=config.select,
         ignore=config.ignore,
         options=config.options,

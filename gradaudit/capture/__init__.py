@@ -7,6 +7,7 @@ from types import TracebackType
 
 import torch
 
+from gradaudit.capture.graph import MAX_TERMS
 from gradaudit.capture.recorder import Recorder, StopAudit
 from gradaudit.findings import Finding
 from gradaudit.rules import options_by_rule, run_rules
@@ -20,6 +21,7 @@ class Audit:
 
     `iterations` (CLI mode) ends the window from inside the program by raising `StopAudit` once that many
     iterations have completed and every optimizer seen has stepped (or `window_cap` more iterations passed).
+    `max_terms` caps the loss terms reported per backward root; the addends beyond it are merged into one term.
     """
 
     def __init__(
@@ -31,11 +33,14 @@ class Audit:
         options: Mapping[str, float] | None = None,
         program: str = "<python>",
         window_cap: int = 20,
+        max_terms: int = MAX_TERMS,
     ) -> None:
         self.program = program
         self.select, self.ignore, self.options = select, ignore, options or {}
         options_by_rule(self.options)  # a misspelt threshold fails here, before the program runs
-        self.recorder = Recorder(iterations=iterations, term_grads=term_grads, window_cap=window_cap)
+        self.recorder = Recorder(
+            iterations=iterations, term_grads=term_grads, window_cap=window_cap, max_terms=max_terms
+        )
         self.trace: Trace | None = None
         self.findings: list[Finding] = []
 

@@ -38,7 +38,7 @@ def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
                     f"the loss term `{term.name}` is a constant: {explain_break(term.break_point)}, "
                     "so every parameter gradient is the same as without it"
                 )
-            elif not term.groups_reached:
+            elif not term.groups_reached and not term.reach_unknown:
                 message = f"the loss term `{term.name}` has an autograd history, but it reaches no trainable parameter"
             else:
                 continue
@@ -56,7 +56,9 @@ RULE = Rule(
         "A term added to the loss that carries no gradient changes the loss value you log but not a single "
         "parameter update: a constraint, penalty or auxiliary loss that silently does nothing. Typical causes are "
         "a violation computed from observed data (torch.as_tensor of rewards), a .detach() or torch.no_grad() "
-        "too early, or a .item() round trip. Literal constants (`loss + 1e-8`) are not reported."
+        "too early, or a .item() round trip. Literal constants (`loss + 1e-8`) are not reported, nor are terms whose "
+        "graph holds code that may reach parameters its edges do not show (reentrant checkpointing, a custom "
+        "autograd.Function), or goes deeper than gradaudit walks."
     ),
     bad=(
         "rewards = torch.as_tensor(batch_rewards)            # no autograd history\n"
