@@ -180,8 +180,10 @@ class RawTerm:
     added_by: OpRecord | None = None
     operand_index: int = 0
     producer: OpRecord | None = None
-    order: tuple[int, int] = (-1, 0)
-    """(sequence number of the sum that added it, operand position): program order of the addends."""
+
+
+Edge = tuple[int, int]
+"""(id(node), output_nr): an edge of the graph, as a key."""
 
 
 def decompose(
@@ -192,73 +194,102 @@ def decompose(
     user_name_for: Callable[[Any], str | None],
     expandable: Callable[[Any], bool],
 ) -> list[RawTerm]:
-    """Splits the root through +, -, negation and constant scaling into its addends (user-named tensors stay whole).
+    """Splits the root through +, -, negation and constant scaling into its addends (user-named tensors stay whole),
+    in the order they are written.
 
     The split is linear: an edge reached along several paths is one addend whose scale is the sum of the paths'
     (`x = x + x` sixteen times is one addend of scale 65,536). Nodes are expanded newest first (autograd sequence
     numbers: a sum is always newer than its operands), so each exactly once. Only nodes the walk visited
     (`expandable`) are expanded.
     """
-    terms: list[RawTerm] = []
-    pending: dict[tuple[int, int], RawTerm] = {}
-    queue: list[tuple[int, int, tuple[int, int]]] = []
+    root_key = (id(root), root_nr)
+    pending: dict[Edge, RawTerm] = {root_key: RawTerm(root_name, 1.0, root, root_nr)}
+    queue: list[tuple[int, int, Edge]] = [(-root._sequence_nr(), 0, root_key)]
+    operands_of: dict[Edge, list[Edge | RawTerm]] = {}
+    """An expanded edge -> its operands in order: edges, or constant addends."""
+    addend_at: dict[Edge, RawTerm] = {}
 
-    def reach(node: Any, nr: int, term: RawTerm) -> None:
+    def reach(node: Any, nr: int, term: RawTerm) -> Edge:
         key = (id(node), nr)
         found = pending.get(key)
         if found is not None:
             found.scale += term.scale
-            found.order = min(found.order, term.order)
-            return
-        pending[key] = term
-        heapq.heappush(queue, (-node._sequence_nr(), len(pending), key))
+        else:
+            pending[key] = term
+            heapq.heappush(queue, (-node._sequence_nr(), len(queue), key))
+        return key
 
-    reach(root, root_nr, RawTerm(root_name, 1.0, root, root_nr))
     while queue:
         _, _, key = heapq.heappop(queue)
         term = pending.pop(key)
-        node, scale = term.node, term.scale
-        kind = type(node).__name__
-        record = record_for(node)
-        user_name = user_name_for(node)
-        if user_name is not None or not expandable(node):
-            terms.append(_named(term, user_name, record))
+        operands = _expand(term, record_for, user_name_for, expandable)
+        if operands is None:
+            if key in addend_at:  # reached again after it was settled (sequence numbers out of order): still linear
+                addend_at[key].scale += term.scale
+            else:
+                addend_at[key] = term
             continue
-        if kind in _SUMS and record is not None:
-            operands = operand_texts(record.expression) or ("", "")
-            signs = (1.0, -1.0 if kind == "SubBackward0" else 1.0)
-            sequence = node._sequence_nr()
-            for index, (child, child_nr) in enumerate(node.next_functions):
-                label = record.constant_names.get(index) or (
-                    operands[index] if index < len(operands) and operands[index] else f"{term.name}[{index}]"
-                )
-                addend = RawTerm(label, scale * signs[index], child, child_nr, record, index, order=(sequence, index))
-                if child is not None:
-                    reach(child, child_nr, addend)
-                elif record.constant_args.get(index) is not None:  # a tensor constant; Python scalars are harmless
-                    terms.append(addend)
-            continue
-        if kind in _SCALINGS and record is not None:
-            live = [(child, child_nr) for child, child_nr in node.next_functions if child is not None]
-            factor = -1.0 if kind == "NegBackward0" else (record.factor if record.factor is not None else None)
-            if len(live) == 1 and factor is not None and factor != 0:
-                child, child_nr = live[0]
-                if record_for(child) is not None and type(child).__name__ in _SUMS and expandable(child):
-                    scaled = RawTerm(
-                        term.name, scale * factor, child, child_nr, term.added_by, term.operand_index, order=term.order
-                    )
-                    reach(child, child_nr, scaled)
-                    continue
-        terms.append(_named(term, None, record))
-    terms.sort(key=lambda t: t.order)
-    return terms
+        operands_of[key] = [
+            reach(operand.node, operand.output_nr, operand) if operand.node is not None else operand
+            for operand in operands
+        ]
+    return _in_written_order(root_key, operands_of, addend_at)
 
 
-def _named(term: RawTerm, user_name: str | None, record: OpRecord | None) -> RawTerm:
+def _expand(
+    term: RawTerm,
+    record_for: Callable[[Any], OpRecord | None],
+    user_name_for: Callable[[Any], str | None],
+    expandable: Callable[[Any], bool],
+) -> list[RawTerm] | None:
+    """The operands a sum or a constant scaling of a sum splits into (scaled); None: the term is an addend."""
+    node, scale = term.node, term.scale
+    kind = type(node).__name__
+    record = record_for(node)
+    user_name = user_name_for(node)
     term.producer = record
-    if user_name is not None:
-        term.name = user_name
-    return term
+    if user_name is not None or not expandable(node) or record is None:
+        term.name = user_name or term.name
+        return None
+    if kind in _SUMS:
+        texts = operand_texts(record.expression) or ("", "")
+        signs = (1.0, -1.0 if kind == "SubBackward0" else 1.0)
+        operands = []
+        for index, (child, child_nr) in enumerate(node.next_functions):
+            label = record.constant_names.get(index) or (
+                texts[index] if index < len(texts) and texts[index] else f"{term.name}[{index}]"
+            )
+            if child is not None or record.constant_args.get(index) is not None:  # Python scalars are harmless
+                operands.append(RawTerm(label, scale * signs[index], child, child_nr, record, index))
+        return operands
+    if kind in _SCALINGS:
+        live = [(child, child_nr) for child, child_nr in node.next_functions if child is not None]
+        factor = -1.0 if kind == "NegBackward0" else record.factor
+        if len(live) == 1 and factor:
+            child, child_nr = live[0]
+            if record_for(child) is not None and type(child).__name__ in _SUMS and expandable(child):
+                return [RawTerm(term.name, scale * factor, child, child_nr, term.added_by, term.operand_index)]
+    return None
+
+
+def _in_written_order(
+    root: Edge, operands_of: dict[Edge, list[Edge | RawTerm]], addend_at: dict[Edge, RawTerm]
+) -> list[RawTerm]:
+    """The addends left to right as the sums were written (an addend reached twice: where it is first met)."""
+    found: list[RawTerm] = []
+    seen: set[Edge] = set()
+    stack: list[Edge | RawTerm] = [root]
+    while stack:
+        entry = stack.pop()
+        if isinstance(entry, RawTerm):
+            found.append(entry)
+        elif entry not in seen:
+            seen.add(entry)
+            if entry in addend_at:
+                found.append(addend_at[entry])
+            else:
+                stack.extend(reversed(operands_of.get(entry, [])))
+    return found
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -116,11 +117,36 @@ def never_compiled(*functions: Callable) -> None:
         set_code_exec_strategy(function.__code__, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
 
 
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def _saved_tensor_hooks_active() -> bool:
     """Whether ops run now save their tensors through hooks (non-reentrant checkpointing, offloading): unpacking
     them in a backward runs those hooks (and a checkpoint's forward again)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(True) is not None
+    return _TOP_SAVED_TENSOR_HOOKS is not None and _TOP_SAVED_TENSOR_HOOKS(True) is not None
+
+
+class _RunLengths:
+    """Tensor -> length of the run of recorded nodes that ends at its grad_fn (see MAX_WRAPPED_RUN).
+
+    A plain dict keyed by id, with a weak reference that tells a live tensor from a dead one whose id was reused: a
+    lookup costs a fifth of a WeakIdKeyDictionary's, and every op with history pays one per input. Dead entries are
+    dropped whenever the dict has doubled.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int]] = {}
+        self._prune_at = 1024
+
+    def get(self, tensor: torch.Tensor) -> int:
+        entry = self._entries.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else 0
+
+    def set(self, tensor: torch.Tensor, run: int) -> None:
+        self._entries[id(tensor)] = (weakref.ref(tensor), run)
+        if len(self._entries) > self._prune_at:
+            self._entries = {key: entry for key, entry in self._entries.items() if entry[0]() is not None}
+            self._prune_at = max(1024, 2 * len(self._entries))
 
 
 def _tensors(values: Any) -> Iterator[torch.Tensor]:
@@ -154,8 +180,7 @@ class ProvenanceMode(TorchFunctionMode):
         self.errors = 0
         self.user_code: OrderedDict[int, tuple[Any, str]] = OrderedDict()
         """Graph node -> the program code a backward through it runs (hooks, saved-tensor hooks), in words."""
-        self.wrapped_run: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        """Tensor -> length of the run of recorded nodes that ends at its grad_fn (see MAX_WRAPPED_RUN)."""
+        self.wrapped_run = _RunLengths()
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
@@ -261,11 +286,14 @@ class ProvenanceMode(TorchFunctionMode):
 
     def _within_wrapped_run(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
         """Whether recording these outputs keeps every run of recorded nodes within MAX_WRAPPED_RUN."""
-        run = 1 + max((self.wrapped_run.get(t, 0) for t in inputs if t.requires_grad), default=0)
+        longest = 0
+        for tensor in inputs:
+            longest = max(longest, self.wrapped_run.get(tensor))
+        run = longest + 1
         if run > MAX_WRAPPED_RUN:
             return False
         for output in outputs:
-            self.wrapped_run[output] = run
+            self.wrapped_run.set(output, run)
         return True
 
     def _nonfinite_sources(self, inputs: list[torch.Tensor]) -> list[NonFiniteCandidate]:
