@@ -29,7 +29,7 @@ MAX_WALK_NODES = 200_000
 MAX_TERMS = 64
 """Default cap on the terms reported per backward root; the addends beyond it are merged into one term."""
 
-TOO_DEEP = "a part of the graph too deep to walk"
+_TOO_DEEP = "a part of the graph too deep to walk"
 
 _SUMS = {"AddBackward0", "SubBackward0"}
 _SCALINGS = {
@@ -41,10 +41,13 @@ _SCALINGS = {
     "MulBackward1",
     "DivBackward1",
 }
-_MODULE_HOOK_FUNCTION = getattr(torch.nn.modules._functions, "BackwardHookFunction", None)
+try:  # the Function that module full backward hooks put on the graph
+    from torch.nn.modules._functions import BackwardHookFunction as _MODULE_HOOK_FUNCTION
+except ImportError:
+    _MODULE_HOOK_FUNCTION = None
 
 
-def python_backward(node: Any) -> tuple[str, bool] | None:
+def _python_backward(node: Any) -> tuple[str, bool] | None:
     """For a node whose backward is Python code: (what it is, whether that code may reach parameters that are not
     among the node's inputs - a nested backward, as reentrant checkpointing runs). None for a C++ node."""
     if not isinstance(node, BackwardCFunction):
@@ -118,7 +121,7 @@ def walk(
         if depth > MAX_WALK_DEPTH or len(view.nodes) > MAX_WALK_NODES:
             view.frontier.add(key)
             view.reach[key] = 0
-            view.user_code[key] = TOO_DEEP
+            view.user_code[key] = _TOO_DEEP
             view.reach_unknown.add(key)
             continue
         stack.append((node, True, depth))
@@ -142,7 +145,7 @@ def _finish(
     mask = 0
     code = user_code_of(node)
     unknown = False
-    python = python_backward(node)
+    python = _python_backward(node)
     if python is not None:
         code = code or python[0]
         unknown = python[1]

@@ -171,10 +171,9 @@ def _hide_compiled_module_warning() -> Callable[[], None]:
     warnings.filterwarnings("ignore", message=_COMPILED_MODULE_WARNING, category=UserWarning)
     entry = warnings.filters[0]
 
-    def remove() -> None:
+    def remove() -> None:  # an "ignore" filter leaves nothing in the warning registries to invalidate
         if entry in warnings.filters:
             warnings.filters.remove(entry)
-            warnings._filters_mutated()
 
     return remove
 

@@ -125,7 +125,8 @@ def _notes(trace: Trace) -> list[str]:
             ] = None
         for term in backward.terms:
             if term.grads_skipped:
-                notes[f"gradient of `{term.name}` not measured on its own: {term.grads_skipped}"] = None
+                at = f" ({term.location})" if term.location else ""
+                notes[f"the gradient of `{term.name}`{at} was not measured on its own: {term.grads_skipped}"] = None
     return list(notes)
 
 
