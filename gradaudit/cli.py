@@ -166,6 +166,10 @@ def run(
     raw_graph_cap: Annotated[
         int, typer.Option(min=0, help="with --html: largest autograd graph drawn node by node (0: none)")
     ] = RAW_GRAPH_CAP,
+    max_terms: Annotated[
+        int | None,
+        typer.Option("--max-terms", min=1, help="loss terms reported per backward root; the rest are merged into one"),
+    ] = None,
 ) -> None:
     """Run a training program under audit: `gradaudit run train.py -- --lr 3e-4`.
 
@@ -180,6 +184,7 @@ def run(
     Python), gradaudit reports what it saw and exits with that status, so a failing program never passes.
     """
     from gradaudit.capture import Audit, InstallError
+    from gradaudit.capture.graph import MAX_TERMS
     from gradaudit.runner import ProgramNotFound, run_program
 
     config = settings(select, ignore, fail_on, option, iterations)
@@ -202,6 +207,7 @@ def run(
     audit = Audit(
         iterations=config.iterations,
         term_grads=term_grads,
+        max_terms=MAX_TERMS if max_terms is None else max_terms,
         select=config.select,
         ignore=config.ignore,
         options=config.options,

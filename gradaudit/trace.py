@@ -84,6 +84,14 @@ class Term:
     """The constant factor the term was multiplied by, where it was one."""
     break_point: Break | None = None
     named_by_user: bool = False
+    addends: int = 1
+    """How many addends it stands for: repeated ones (same name, same line, e.g. a loss summed in a loop) are one
+    term, and so are all the addends beyond the cap on terms (`more terms`)."""
+    grads_skipped: str = ""
+    """Why its own gradient was not measured (a backward through it runs program code that must run only once)."""
+    reach_unknown: bool = False
+    """Its graph holds a node whose backward may reach parameters its edges do not show (reentrant checkpointing, a
+    custom autograd.Function), or the walk stopped in it: `groups_reached` may be incomplete."""
 
 
 @dataclass
@@ -97,6 +105,13 @@ class Backward:
     groups_reached: list[str]
     upstream: dict[str, list[str]] = field(default_factory=dict)
     """For each module group called in this graph: the groups whose outputs feed its inputs."""
+    walk_truncated: bool = False
+    """The graph was deeper or larger than the walk's limits: reach below the limit is unknown."""
+    reach_unknown: bool = False
+    """Some of what it reaches is unknown to the walk; the accumulated gradients were watched on every known
+    parameter instead."""
+    terms_beyond_cap: int = 0
+    """Addends beyond the cap on terms, merged into its last term."""
 
     def term_matrix(self) -> tuple[list[str], dict[str, dict[str, float]]]:
         """Term x parameter-group gradient norms: (the groups, as columns; term name -> group -> norm)."""

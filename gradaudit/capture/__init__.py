@@ -7,6 +7,7 @@ from types import TracebackType
 
 import torch
 
+from gradaudit.capture.graph import MAX_TERMS
 from gradaudit.capture.recorder import InstallError, Recorder, StopAudit
 from gradaudit.findings import Finding
 from gradaudit.flowgraph import build_flow_graphs
@@ -25,6 +26,7 @@ class Audit:
     and hook or, raising `InstallError`, none.
     `raw_graph` keeps the autograd graph of the first backward at each location for the HTML report (graphs of
     more than `raw_graph_cap` nodes as their node count only).
+    `max_terms` caps the loss terms reported per backward root; the addends beyond it are merged into one term.
     """
 
     def __init__(
@@ -39,11 +41,14 @@ class Audit:
         arguments: Sequence[str] = (),
         raw_graph: bool = False,
         raw_graph_cap: int = RAW_GRAPH_CAP,
+        max_terms: int = MAX_TERMS,
     ) -> None:
         self.program, self.arguments = program, list(arguments)
         self.select, self.ignore, self.options = select, ignore, options or {}
         options_by_rule(self.options)  # a misspelt threshold fails here, before the program runs
-        self.recorder = Recorder(iterations=iterations, term_grads=term_grads, window_cap=window_cap)
+        self.recorder = Recorder(
+            iterations=iterations, term_grads=term_grads, window_cap=window_cap, max_terms=max_terms
+        )
         self.recorder.raw_graphs.cap = raw_graph_cap if raw_graph else 0
         self.trace: Trace | None = None
         self.findings: list[Finding] = []

@@ -1,15 +1,35 @@
-"""One walk of an autograd graph: which parameters each node reaches, and the root's top-level terms."""
+"""One walk of an autograd graph: which parameters each node reaches, which nodes run the program's own code when a
+backward passes through them, and the root's top-level terms.
+
+Limits. Every node the walk touches gets a Python wrapper that lives as long as the node, and PyTorch frees a chain
+of wrapped nodes recursively on the C stack (about 170 bytes a node: a chain of 50,000 overflows an 8 MB stack).
+The walk therefore stops MAX_WALK_DEPTH nodes below the root and after MAX_WALK_NODES nodes; what lies beyond is
+"unknown" (its reach, and whether it runs user code), and the Backward says the walk was truncated.
+"""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
+from torch.autograd.function import BackwardCFunction
 
 from gradaudit.capture.provenance import OpRecord
 from gradaudit.capture.source import operand_texts
+from gradaudit.trace import Location
+
+MAX_WALK_DEPTH = 16_384
+"""Nodes farther than this below the root are not walked (their subgraph is unknown)."""
+MAX_WALK_NODES = 200_000
+"""At most this many nodes are walked per backward."""
+MAX_TERMS = 64
+"""Default cap on the terms reported per backward root; the addends beyond it are merged into one term."""
+
+_TOO_DEEP = "a part of the graph too deep to walk"
 
 _SUMS = {"AddBackward0", "SubBackward0"}
 _SCALINGS = {
@@ -21,6 +41,25 @@ _SCALINGS = {
     "MulBackward1",
     "DivBackward1",
 }
+try:  # the Function that module full backward hooks put on the graph
+    from torch.nn.modules._functions import BackwardHookFunction as _MODULE_HOOK_FUNCTION
+except ImportError:
+    _MODULE_HOOK_FUNCTION = None
+
+
+def _python_backward(node: Any) -> tuple[str, bool] | None:
+    """For a node whose backward is Python code: (what it is, whether that code may reach parameters that are not
+    among the node's inputs - a nested backward, as reentrant checkpointing runs). None for a C++ node."""
+    if not isinstance(node, BackwardCFunction):
+        return None
+    function = getattr(node, "_forward_cls", None)
+    if function is not None and function is _MODULE_HOOK_FUNCTION:
+        return "a module backward hook", False
+    if getattr(function, "__module__", "").startswith("torch._functorch"):
+        return "a torch.compile region", False  # AOT autograd makes the parameters inputs of the compiled node
+    if isinstance(function, type) and issubclass(function, torch.utils.checkpoint.CheckpointFunction):
+        return "reentrant activation checkpointing", True
+    return f"the custom autograd.Function {getattr(function, '__name__', type(node).__name__)}", True
 
 
 @dataclass
@@ -32,46 +71,105 @@ class GraphView:
     leaves: dict[int, tuple[Any, torch.Tensor]] = field(default_factory=dict)
     """id(parameter) -> (its AccumulateGrad node, the parameter)."""
     param_ids: list[int] = field(default_factory=list)
+    user_code: dict[int, str] = field(default_factory=dict)
+    """id(node) -> the first user code that a backward through the node runs (absent: none)."""
+    reach_unknown: set[int] = field(default_factory=set)
+    """Nodes below which a node may reach parameters that its edges do not show, or the walk stopped."""
+    frontier: set[int] = field(default_factory=set)
+    """Nodes where the walk stopped (limits): their inputs were not looked at."""
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.frontier)
 
     def holds(self, node: Any) -> bool:
         return self.nodes.get(id(node)) is node
 
-    def params_reached(self, node: Any) -> list[int]:
-        mask = self.reach.get(id(node), 0)
+    def expanded(self, node: Any) -> bool:
+        """Held, and its inputs walked (touching them is within the limits)."""
+        return self.holds(node) and id(node) not in self.frontier
+
+    def params_reached(self, *nodes: Any) -> list[int]:
+        mask = 0
+        for node in nodes:
+            mask |= self.reach.get(id(node), 0)
         return [pid for bit, pid in enumerate(self.param_ids) if mask >> bit & 1]
 
 
-def walk(roots: Iterable[Any], is_parameter: Callable[[torch.Tensor], bool]) -> GraphView:
-    """Post-order walk with an explicit stack (deep unrolled graphs overflow recursion)."""
+def walk(
+    roots: Iterable[Any],
+    is_parameter: Callable[[torch.Tensor], bool],
+    user_code_of: Callable[[Any], str | None],
+) -> GraphView:
+    """Post-order walk with an explicit stack (deep unrolled graphs overflow recursion).
+
+    `user_code_of(node)` says what program code was attached to a node while it was built (hooks, saved-tensor
+    hooks); Python-defined nodes and hooks on parameters are found here.
+    """
     view = GraphView()
     bit_of: dict[int, int] = {}
-    stack = [(node, False) for node in roots if node is not None]
+    stack = [(node, False, 1) for node in roots if node is not None]
     while stack:
-        node, children_done = stack.pop()
+        node, children_done, depth = stack.pop()
         key = id(node)
         if children_done:
-            mask = 0
-            for child, _ in node.next_functions:
-                if child is not None:
-                    mask |= view.reach.get(id(child), 0)
-            variable = getattr(node, "variable", None)
-            if isinstance(variable, torch.Tensor) and is_parameter(variable):
-                pid = id(variable)
-                if pid not in bit_of:
-                    bit_of[pid] = len(view.param_ids)
-                    view.param_ids.append(pid)
-                    view.leaves[pid] = (node, variable)
-                mask |= 1 << bit_of[pid]
-            view.reach[key] = mask
+            _finish(view, node, bit_of, is_parameter, user_code_of)
             continue
         if key in view.nodes:
             continue
         view.nodes[key] = node
-        stack.append((node, True))
+        if depth > MAX_WALK_DEPTH or len(view.nodes) > MAX_WALK_NODES:
+            view.frontier.add(key)
+            view.reach[key] = 0
+            view.user_code[key] = _TOO_DEEP
+            view.reach_unknown.add(key)
+            continue
+        stack.append((node, True, depth))
         stack.extend(
-            (child, False) for child, _ in node.next_functions if child is not None and id(child) not in view.nodes
+            (child, False, depth + 1)
+            for child, _ in node.next_functions
+            if child is not None and id(child) not in view.nodes
         )
     return view
+
+
+def _finish(
+    view: GraphView,
+    node: Any,
+    bit_of: dict[int, int],
+    is_parameter: Callable[[torch.Tensor], bool],
+    user_code_of: Callable[[Any], str | None],
+) -> None:
+    """A node whose children are done: its reach, and what user code a backward below it runs."""
+    key = id(node)
+    mask = 0
+    code = user_code_of(node)
+    unknown = False
+    python = _python_backward(node)
+    if python is not None:
+        code = code or python[0]
+        unknown = python[1]
+    for child, _ in node.next_functions:
+        if child is not None:
+            child_key = id(child)
+            mask |= view.reach.get(child_key, 0)
+            code = code or view.user_code.get(child_key)
+            unknown = unknown or child_key in view.reach_unknown
+    variable = getattr(node, "variable", None)
+    if isinstance(variable, torch.Tensor) and is_parameter(variable):
+        pid = id(variable)
+        if pid not in bit_of:
+            bit_of[pid] = len(view.param_ids)
+            view.param_ids.append(pid)
+            view.leaves[pid] = (node, variable)
+        mask |= 1 << bit_of[pid]
+        if variable._backward_hooks:
+            code = code or "a gradient hook on a parameter"
+    view.reach[key] = mask
+    if code is not None:
+        view.user_code[key] = code
+    if unknown:
+        view.reach_unknown.add(key)
 
 
 @dataclass
@@ -87,48 +185,148 @@ class RawTerm:
     producer: OpRecord | None = None
 
 
+Edge = tuple[int, int]
+"""(id(node), output_nr): an edge of the graph, as a key."""
+
+
 def decompose(
     root: Any,
+    root_nr: int,
     record_for: Callable[[Any], OpRecord | None],
     root_name: str,
     user_name_for: Callable[[Any], str | None],
+    expandable: Callable[[Any], bool],
 ) -> list[RawTerm]:
-    """Splits the root through +, -, negation and constant scaling into its addends (user-named tensors stay whole)."""
-    terms: list[RawTerm] = []
-    stack: list[tuple[Any, int, float, str, OpRecord | None, int]] = [(root, 0, 1.0, root_name, None, 0)]
+    """Splits the root through +, -, negation and constant scaling into its addends (user-named tensors stay whole),
+    in the order they are written.
+
+    The split is linear: an edge reached along several paths is one addend whose scale is the sum of the paths'
+    (`x = x + x` sixteen times is one addend of scale 65,536). Nodes are expanded newest first (autograd sequence
+    numbers: a sum is always newer than its operands), so each exactly once. Only nodes the walk visited
+    (`expandable`) are expanded.
+    """
+    root_key = (id(root), root_nr)
+    pending: dict[Edge, RawTerm] = {root_key: RawTerm(root_name, 1.0, root, root_nr)}
+    queue: list[tuple[int, int, Edge]] = [(-root._sequence_nr(), 0, root_key)]
+    operands_of: dict[Edge, list[Edge | RawTerm]] = {}
+    """An expanded edge -> its operands in order: edges, or constant addends."""
+    addend_at: dict[Edge, RawTerm] = {}
+
+    def reach(node: Any, nr: int, term: RawTerm) -> Edge:
+        key = (id(node), nr)
+        found = pending.get(key)
+        if found is not None:
+            found.scale += term.scale
+        else:
+            pending[key] = term
+            heapq.heappush(queue, (-node._sequence_nr(), len(queue), key))
+        return key
+
+    while queue:
+        _, _, key = heapq.heappop(queue)
+        term = pending.pop(key)
+        operands = _expand(term, record_for, user_name_for, expandable)
+        if operands is None:
+            if key in addend_at:  # reached again after it was settled (sequence numbers out of order): still linear
+                addend_at[key].scale += term.scale
+            else:
+                addend_at[key] = term
+            continue
+        operands_of[key] = [
+            reach(operand.node, operand.output_nr, operand) if operand.node is not None else operand
+            for operand in operands
+        ]
+    return _in_written_order(root_key, operands_of, addend_at)
+
+
+def _expand(
+    term: RawTerm,
+    record_for: Callable[[Any], OpRecord | None],
+    user_name_for: Callable[[Any], str | None],
+    expandable: Callable[[Any], bool],
+) -> list[RawTerm] | None:
+    """The operands a sum or a constant scaling of a sum splits into (scaled); None: the term is an addend."""
+    node, scale = term.node, term.scale
+    kind = type(node).__name__
+    record = record_for(node)
+    user_name = user_name_for(node)
+    term.producer = record
+    if user_name is not None or not expandable(node) or record is None:
+        term.name = user_name or term.name
+        return None
+    if kind in _SUMS:
+        texts = operand_texts(record.expression) or ("", "")
+        signs = (1.0, -1.0 if kind == "SubBackward0" else 1.0)
+        inputs = [
+            (index, child, child_nr)
+            for index, (child, child_nr) in enumerate(node.next_functions)
+            if child is not None or record.constant_args.get(index) is not None  # Python scalars are harmless
+        ]
+        operands = []
+        for index, child, child_nr in inputs:
+            indexed = term.name if len(inputs) == 1 else f"{term.name}[{index}]"  # `0 + x` (sum()'s start) splits nothing
+            label = record.constant_names.get(index) or (texts[index] if index < len(texts) and texts[index] else indexed)
+            operands.append(RawTerm(label, scale * signs[index], child, child_nr, record, index))
+        return operands
+    if kind in _SCALINGS:
+        live = [(child, child_nr) for child, child_nr in node.next_functions if child is not None]
+        factor = -1.0 if kind == "NegBackward0" else record.factor
+        if len(live) == 1 and factor:
+            child, child_nr = live[0]
+            if record_for(child) is not None and type(child).__name__ in _SUMS and expandable(child):
+                return [RawTerm(term.name, scale * factor, child, child_nr, term.added_by, term.operand_index)]
+    return None
+
+
+def _in_written_order(
+    root: Edge, operands_of: dict[Edge, list[Edge | RawTerm]], addend_at: dict[Edge, RawTerm]
+) -> list[RawTerm]:
+    """The addends left to right as the sums were written (an addend reached twice: where it is first met)."""
+    found: list[RawTerm] = []
+    seen: set[Edge] = set()
+    stack: list[Edge | RawTerm] = [root]
     while stack:
-        node, nr, scale, name, added_by, operand = stack.pop()
-        kind = type(node).__name__
-        record = record_for(node)
-        user_name = user_name_for(node)
-        if user_name is not None:
-            terms.append(RawTerm(user_name, scale, node, nr, added_by, operand, record))
-            continue
-        if kind in _SUMS and record is not None:
-            operands = operand_texts(record.expression) or ("", "")
-            signs = (1.0, -1.0 if kind == "SubBackward0" else 1.0)
-            inputs = list(node.next_functions)
-            addends = [i for i, (child, _) in enumerate(inputs) if child is not None or record.constant_args.get(i)]
-            for index in reversed(range(len(inputs))):
-                child, child_nr = inputs[index]
-                indexed = name if len(addends) == 1 else f"{name}[{index}]"  # `0 + x` (sum()'s start) splits nothing
-                label = record.constant_names.get(index) or (
-                    operands[index] if index < len(operands) and operands[index] else indexed
-                )
-                if child is None:
-                    if record.constant_args.get(index) is not None:  # a tensor constant; Python scalars are harmless
-                        terms.append(RawTerm(label, scale * signs[index], None, 0, record, index))
-                    continue
-                stack.append((child, child_nr, scale * signs[index], label, record, index))
-            continue
-        if kind in _SCALINGS and record is not None:
-            live = [(child, child_nr) for child, child_nr in node.next_functions if child is not None]
-            factor = -1.0 if kind == "NegBackward0" else (record.factor if record.factor is not None else None)
-            if len(live) == 1 and factor is not None and factor != 0:
-                child, child_nr = live[0]
-                child_record = record_for(child)
-                if child_record is not None and type(child).__name__ in _SUMS:
-                    stack.append((child, child_nr, scale * factor, name, added_by, operand))
-                    continue
-        terms.append(RawTerm(name, scale, node, nr, added_by, operand, record))
-    return terms
+        entry = stack.pop()
+        if isinstance(entry, RawTerm):
+            found.append(entry)
+        elif entry not in seen:
+            seen.add(entry)
+            if entry in addend_at:
+                found.append(addend_at[entry])
+            else:
+                stack.extend(reversed(operands_of.get(entry, [])))
+    return found
+
+
+@dataclass
+class TermGroup:
+    """One reported term: the addends that share a name and a source line (a loss summed in a loop), or, past the
+    cap, all the remaining addends."""
+
+    name: str
+    location: Location | None
+    parts: list[RawTerm]
+    beyond_cap: bool = False
+
+    @property
+    def edges(self) -> list[RawTerm]:
+        return [part for part in self.parts if part.node is not None]
+
+
+def group_terms(raws: list[RawTerm], location_of: Callable[[RawTerm], Location | None], cap: int) -> list[TermGroup]:
+    """Merges repeated addends (same name, same line, both constant or both not); beyond `cap` groups, merges the
+    rest into one."""
+    groups: dict[tuple, TermGroup] = {}
+    for raw in raws:
+        location = location_of(raw)
+        key = (raw.name, location, raw.node is None)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = TermGroup(raw.name, location, [])
+        group.parts.append(raw)
+    found = list(groups.values())
+    if len(found) <= cap:
+        return found
+    kept, rest = found[: max(cap - 1, 0)], found[max(cap - 1, 0) :]
+    parts = [part for group in rest for part in group.parts]
+    return [*kept, TermGroup(f"{len(rest)} more terms", rest[0].location, parts, beyond_cap=True)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,10 @@ _DIVIDE = {"div", "__truediv__", "true_divide", "divide", "div_", "__itruediv__"
 _MAX_RECORDS = 200_000
 _MAX_PENDING = 20_000
 _MAX_NONFINITE_SOURCES = 8
+MAX_WRAPPED_RUN = 4_096
+"""Longest chain of consecutive graph nodes the mode records: a recorded node keeps a Python wrapper, and PyTorch
+frees a chain of wrapped nodes recursively on the C stack; one node in each run is left unrecorded."""
+_HOOK_REGISTRATIONS = {torch.Tensor.register_hook: "a gradient hook", torch.Tensor.retain_grad: "retain_grad()"}
 
 
 @dataclass
@@ -108,6 +113,51 @@ def op_name(func: Callable) -> str:
     return getattr(func, "__name__", str(func))
 
 
+def never_compiled(*functions: Callable) -> None:
+    """While a compiled region runs, dynamo compiles as graphs of their own the Python frames that the torch code it
+    skips calls into (a global module hook, this mode's handler under `module.compile()`), which changes the numbers:
+    gradaudit's run as plain Python instead, and so does what they call. Dynamo tracing into them from a compiled
+    frame is unaffected (they step aside there: `torch.compiler.is_compiling()`)."""
+    try:
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
+    except ImportError:  # a torch without dynamo's frame strategies
+        return
+    for function in functions:
+        set_code_exec_strategy(function.__code__, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+
+
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether ops run now save their tensors through hooks (non-reentrant checkpointing, offloading): unpacking
+    them in a backward runs those hooks (and a checkpoint's forward again)."""
+    return _TOP_SAVED_TENSOR_HOOKS is not None and _TOP_SAVED_TENSOR_HOOKS(True) is not None
+
+
+class _RunLengths:
+    """Tensor -> length of the run of recorded nodes that ends at its grad_fn (see MAX_WRAPPED_RUN).
+
+    A plain dict keyed by id, with a weak reference that tells a live tensor from a dead one whose id was reused: a
+    lookup costs a fifth of a WeakIdKeyDictionary's, and every op with history pays one per input. Dead entries are
+    dropped whenever the dict has doubled.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int]] = {}
+        self._prune_at = 1024
+
+    def get(self, tensor: torch.Tensor) -> int:
+        entry = self._entries.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else 0
+
+    def set(self, tensor: torch.Tensor, run: int) -> None:
+        self._entries[id(tensor)] = (weakref.ref(tensor), run)
+        if len(self._entries) > self._prune_at:
+            self._entries = {key: entry for key, entry in self._entries.items() if entry[0]() is not None}
+            self._prune_at = max(1024, 2 * len(self._entries))
+
+
 def _tensors(values: Any) -> Iterator[torch.Tensor]:
     for value in values:
         if isinstance(value, torch.Tensor):
@@ -119,6 +169,7 @@ def _tensors(values: Any) -> Iterator[torch.Tensor]:
 class ProvenanceMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
+        never_compiled(ProvenanceMode.__torch_function__)
         self.records: OrderedDict[int, tuple[Any, OpRecord]] = OrderedDict()
         self.constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.named_constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -139,6 +190,9 @@ class ProvenanceMode(TorchFunctionMode):
         """Largest autograd sequence number seen: nodes a module call creates have larger ones."""
         self.paused = False
         self.errors = 0
+        self.user_code: OrderedDict[int, tuple[Any, str]] = OrderedDict()
+        """Graph node -> the program code a backward through it runs (hooks, saved-tensor hooks), in words."""
+        self.wrapped_run = _RunLengths()
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
@@ -156,11 +210,26 @@ class ProvenanceMode(TorchFunctionMode):
     def break_for(self, tensor: torch.Tensor) -> Break | None:
         return self.constants.get(tensor)
 
+    def user_code_for(self, node: Any) -> str | None:
+        entry = self.user_code.get(id(node))
+        return entry[1] if entry is not None and entry[0] is node else None
+
+    def mark_user_code(self, node: Any, what: str) -> None:
+        """Notes that a backward through `node` runs program code: measuring a term through it would run it again."""
+        if node is not None and self.user_code_for(node) is None:
+            self.user_code[id(node)] = (node, what)
+            while len(self.user_code) > _MAX_RECORDS:
+                self.user_code.popitem(last=False)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if torch.compiler.is_compiling():  # dynamo traces this method: step aside (no graph break, same graph)
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         if self.paused:
             return func(*args, **kwargs)
         name = op_name(func)
+        if func in _HOOK_REGISTRATIONS:
+            self._note_hook_registration(func, args)
         stats = None
         if name in MEASURED and torch.is_grad_enabled() and (name not in GATES or called_by_user()):
             try:
@@ -174,6 +243,12 @@ class ProvenanceMode(TorchFunctionMode):
             self.errors += 1
         return result
 
+    def _note_hook_registration(self, func, args) -> None:
+        tensor = args[0] if args else None
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad and not tensor.is_leaf:
+            where = location_of(user_frame())
+            self.mark_user_code(tensor.grad_fn, f"{_HOOK_REGISTRATIONS[func]}{f' at {where}' if where else ''}")
+
     def _observe(self, func, name, args, kwargs, result, stats) -> None:
         self.clock += 1
         if func in _TO_PYTHON:
@@ -186,16 +261,22 @@ class ProvenanceMode(TorchFunctionMode):
         )
         if not outputs:
             return
-        needs_inputs = self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES or stats is not None
+        tracked = [o for o in outputs if o.requires_grad and not o.is_leaf]  # no grad_fn wrapper made yet
+        needs_inputs = tracked or self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES or stats is not None
         inputs = list(_tensors([*args, *kwargs.values()])) if needs_inputs else []
         if self.lineage:
             self._inherit_lineage(inputs, outputs)
         sources = self._nonfinite_sources(inputs) if self.nonfinite_from else []
-        tracked = [o for o in outputs if o.requires_grad and o.grad_fn is not None]
+        if tracked and not self._within_wrapped_run(inputs, tracked):
+            tracked = []
         record = None
         if tracked:
             record = self._record_graph_op(func, args, kwargs, tracked)
             record.nonfinite_inputs = sources
+            if _saved_tensor_hooks_active():
+                what = f"saved-tensor hooks (activation checkpointing) around {record.location or record.op}"
+                for output in tracked:
+                    self.mark_user_code(output.grad_fn, what)
             measured = Measured(tracked[0].grad_fn, record, stats, self.clock) if stats is not None else None
             if measured is not None:
                 self.measured.append(measured)
@@ -237,6 +318,18 @@ class ProvenanceMode(TorchFunctionMode):
             for clamp, share in self.saturation.follow(name, args, kwargs, output).items():
                 if clamp.selection is None or share > clamp.selection.zero_share:
                     clamp.selection = Selection(name, record.location, record.expression, share)
+
+    def _within_wrapped_run(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+        """Whether recording these outputs keeps every run of recorded nodes within MAX_WRAPPED_RUN."""
+        longest = 0
+        for tensor in inputs:
+            longest = max(longest, self.wrapped_run.get(tensor))
+        run = longest + 1
+        if run > MAX_WRAPPED_RUN:
+            return False
+        for output in outputs:
+            self.wrapped_run.set(output, run)
+        return True
 
     def _nonfinite_sources(self, inputs: list[torch.Tensor]) -> list[NonFiniteCandidate]:
         found = [c for tensor in inputs for c in self.nonfinite_from.get(tensor, ())]

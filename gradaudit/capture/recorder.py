@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -24,15 +25,15 @@ from typing import Any
 import torch
 import torch.optim.optimizer as optimizer_module
 from torch import nn
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.weak import WeakIdKeyDictionary
 
 from gradaudit.capture.chains import ChainTracker
-from gradaudit.capture.graph import GraphView, RawTerm, decompose, walk
+from gradaudit.capture.graph import MAX_TERMS, GraphView, RawTerm, TermGroup, decompose, group_terms, walk
 from gradaudit.capture.magnitude import all_finite, all_zero, norm, same_values, squared_norm
 from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
 from gradaudit.capture.numerics import ClampStats
-from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode
+from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode, never_compiled
 from gradaudit.capture.rawgraph import RawGraphRecorder
 from gradaudit.capture.source import (
     assigned_name,
@@ -61,6 +62,7 @@ from gradaudit.trace import (
 )
 
 _MAX_MODULE_INPUTS = 20_000
+_COMPILED_MODULE_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks on modules"
 _BACKWARDS_WITHOUT_STEP = 20
 
 
@@ -152,6 +154,17 @@ class _TermRecord:
     coefficient: float | None
     break_point: Break | None
     named_by_user: bool
+    addends: int = 1
+    user_code: str | None = None
+    """What program code a backward through the term runs (None: none)."""
+    reach_unknown: bool = False
+    grads_skipped: str = ""
+    from_contributions: bool = False
+    """Its gradient is the whole backward's: read from what the real backward accumulates, no extra pass."""
+
+    @property
+    def may_reach_parameters(self) -> bool:
+        return not self.constant and bool(self.param_ids or self.reach_unknown)
 
 
 @dataclass
@@ -163,6 +176,9 @@ class _BackwardRecord:
     terms: list[_TermRecord]
     param_ids: list[int]
     upstream: dict[str, list[int]]
+    walk_truncated: bool = False
+    reach_unknown: bool = False
+    terms_beyond_cap: int = 0
 
 
 def _guarded(method: Callable) -> Callable:
@@ -222,6 +238,25 @@ def _class_name(obj: object) -> str:
     return type(obj).__name__
 
 
+def _hide_compiled_module_warning() -> Callable[[], None]:
+    """torch warns at each call of a `torch.compile`d module while global module hooks exist: those are gradaudit's,
+    not the program's, so the warning is hidden during the audit. Returns what removes the filter again."""
+    warnings.filterwarnings("ignore", message=_COMPILED_MODULE_WARNING, category=UserWarning)
+    entry = warnings.filters[0]
+
+    def remove() -> None:  # an "ignore" filter leaves nothing in the warning registries to invalidate
+        if entry in warnings.filters:
+            warnings.filters.remove(entry)
+
+    return remove
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors with history a module returned (where `register_backward_hook` hooks their grad_fn)."""
+    values = output if isinstance(output, (list, tuple)) else [output]
+    return [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad and not v.is_leaf]
+
+
 def _root_name(frame: FrameType | None) -> str:
     """`loss` for `loss.backward()`, `torch.autograd.grad(loss, ...)` and `torch.autograd.backward(loss)`."""
     text = expression_of(frame)
@@ -253,12 +288,16 @@ class Recorder:
     so that what other threads train is never reported as untrained. A forked child uninstalls everything.
     """
 
-    def __init__(self, iterations: int | None = None, term_grads: bool = True, window_cap: int = 20) -> None:
+    def __init__(
+        self, iterations: int | None = None, term_grads: bool = True, window_cap: int = 20, max_terms: int = MAX_TERMS
+    ) -> None:
         self.iterations_wanted = iterations
         """None: the window is the `with` block (API mode), which may use optimizers created before it."""
         self.term_grads = term_grads
+        self.max_terms = max_terms
         self.window_cap = window_cap
         self.mode = ProvenanceMode()
+        never_compiled(Recorder._before_forward, Recorder._after_forward)
         self.params: dict[int, _Param] = {}
         self.optimizers: dict[int, _Optimizer] = {}
         self.module_groups: dict[int, tuple[nn.Module, str | None]] = {}
@@ -334,6 +373,7 @@ class Recorder:
             (nn.modules.module.register_module_forward_hook, self._after_forward, {"always_call": True}),
         ):
             self._undo.append(register(hook, **options).remove)
+        self._undo.append(_hide_compiled_module_warning())
         if self.iterations_wanted is None:
             self._adopt_live_optimizers()
         self.mode.__enter__()
@@ -482,6 +522,8 @@ class Recorder:
     # ---------------------------------------------------------------- modules
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling():  # dynamo inlines global hooks: step aside, no graph break
+            return
         if not self._admit():
             return
         self._depth += 1
@@ -505,14 +547,20 @@ class Recorder:
             self.module_inputs.extend((groups, node) for node in nodes)
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         if not self._recording():
             return
         self._depth -= 1
-        self._leave_module(args, output)
+        self._leave_module(module, args, output)
 
     @_guarded
-    def _leave_module(self, args: tuple, output: Any) -> None:
+    def _leave_module(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.chain_tracker.leave(args, output)
+        if module._backward_hooks or nn.modules.module._global_backward_hooks:
+            with self.mode.quiet():
+                for tensor in _output_tensors(output):
+                    self.mode.mark_user_code(tensor.grad_fn, f"a backward hook of {type(module).__name__}")
 
     # ---------------------------------------------------------------- optimizers
 
@@ -855,27 +903,39 @@ class Recorder:
         return backward
 
     @_guarded
-    def _before_backward(self, tensors: Any, accumulates: bool) -> tuple[list, list, Any]:
+    def _before_backward(self, tensors: Any, accumulates: bool) -> tuple[list, list, Any] | None:
+        if torch.compiler.is_compiling():  # AOT autograd tracing a compiled region's backward: not the program's
+            return None
         frame = user_frame()
         location = location_of(frame)
-        roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        given = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        roots = [r for r in given if isinstance(r, torch.Tensor)]
         with self.mode.quiet():
             self._checkpoint(location)
-            nodes = [r.grad_fn for r in roots if isinstance(r, torch.Tensor)]
-            view = walk(nodes, self._is_parameter)
+            nodes = [r.grad_fn for r in roots]
+            view = walk(nodes, self._is_parameter, self.mode.user_code_for)
             self.raw_graphs.capture(location, view)
             for pid in view.param_ids:
                 self._param(view.leaves[pid][1])
             index = len(self.backwards)
-            terms = [
-                self._term(raw, view, location)
-                for root in roots
-                if isinstance(root, torch.Tensor)
-                for raw in self._raw_terms(root, frame)
-            ]
-            finite = all(bool(torch.isfinite(r.detach()).all()) for r in roots if isinstance(r, torch.Tensor))
+            groups = [group for root in roots for group in self._term_groups(root, frame, view, location)]
+            terms = [self._term(group, view) for group in groups]
+            self._measure_terms(terms, groups, view, accumulates)
+            finite = all(bool(torch.isfinite(r.detach()).all()) for r in roots)
+            reach_unknown = any(id(node) in view.reach_unknown for node in nodes if node is not None)
             self.backwards.append(
-                _BackwardRecord(index, location, accumulates, finite, terms, list(view.param_ids), self._upstream(view))
+                _BackwardRecord(
+                    index,
+                    location,
+                    accumulates,
+                    finite,
+                    terms,
+                    list(view.param_ids),
+                    self._upstream(view),
+                    view.truncated,
+                    reach_unknown,
+                    sum(len(group.parts) for group in groups if group.beyond_cap),
+                )
             )
             self._note_regression_targets(view)
             self._note_numerics(view, index, finite)
@@ -883,8 +943,10 @@ class Recorder:
         if not accumulates:
             return handles, [], record_chains
         contributions: list[tuple[_Param, list]] = []
-        for pid in view.param_ids:
-            node, tensor = view.leaves[pid]
+        leaves = [view.leaves[pid] for pid in view.param_ids]
+        if reach_unknown:
+            leaves += self._hidden_leaves(view)
+        for node, tensor in leaves:
             seen: list = []
             contributions.append((self._param(tensor), seen))
             handles.append(node.register_prehook(functools.partial(self._on_contribution, seen)))
@@ -898,54 +960,119 @@ class Recorder:
                 size = norm(grad)
                 seen.append((size, math.isfinite(size) or all_finite(grad)))  # a finite norm has finite elements
 
+    def _hidden_leaves(self, view: GraphView) -> list[tuple[Any, torch.Tensor]]:
+        """The known parameters a graph whose reach is unknown may still reach (through a nested backward, or below
+        where the walk stopped): their accumulators, so that the real backward shows what it reached."""
+        found = []
+        for param in self.params.values():
+            tensor = param.tensor
+            if tensor.requires_grad and tensor.is_leaf and id(tensor) not in view.leaves:
+                found.append((get_gradient_edge(tensor).node, tensor))
+        return found
+
     @_guarded
     def _after_backward(self, contributions: list, record_chains: Callable[[], None] | None) -> None:
         if record_chains is not None:
             record_chains()
+        self._term_from_contributions(contributions)
         location = self.backwards[-1].location if self.backwards else None
         for index, param, seen in contributions:
             if not seen:
                 continue
-            norm, finite = seen[0]
-            self._event("accumulate", param, backward=index, norm=norm, finite=finite, location=location)
+            size, finite = seen[0]
+            self._event("accumulate", param, backward=index, norm=size, finite=finite, location=location)
             param.pending = True
             self._refresh([param])
             if not param.owners and param.snapshot is None:
                 param.snapshot = param.tensor.detach().clone()
 
-    def _raw_terms(self, root: torch.Tensor, frame: FrameType | None) -> list[RawTerm]:
+    def _term_groups(
+        self, root: torch.Tensor, frame: FrameType | None, view: GraphView, location: Location | None
+    ) -> list[TermGroup]:
+        return group_terms(
+            self._raw_terms(root, frame, view), lambda raw: self._term_location(raw, location), self.max_terms
+        )
+
+    def _raw_terms(self, root: torch.Tensor, frame: FrameType | None, view: GraphView) -> list[RawTerm]:
         name = _root_name(frame)
         if root.grad_fn is None:
             return [RawTerm(name, 1.0, None, 0, None, 0, None)]
-        return decompose(root.grad_fn, self.mode.record_for, name, self._user_term_name)
+        return decompose(root.grad_fn, root.output_nr, self.mode.record_for, name, self._user_term_name, view.expanded)
 
     def _user_term_name(self, node: Any) -> str | None:
         entry = self.user_term_names.get(id(node))
         return entry[1] if entry is not None and entry[0] is node else None
 
-    def _term(self, raw: RawTerm, view: GraphView, location: Location | None) -> _TermRecord:
+    @staticmethod
+    def _term_location(raw: RawTerm, backward_location: Location | None) -> Location | None:
         where = raw.added_by or raw.producer
-        term_location = where.location if where is not None else location
-        user_name = self._user_term_name(raw.node) if raw.node is not None else None
-        if raw.node is None:
-            origin = raw.added_by.constant_args.get(raw.operand_index) if raw.added_by else None
-            return _TermRecord(raw.name, term_location, True, [], {}, None, origin, False)
-        reached = view.params_reached(raw.node)
-        coefficient = raw.producer.factor if raw.producer is not None else None
-        sq_norms = self._term_gradients(raw, view, reached) if self.term_grads and reached else {}
+        return where.location if where is not None else backward_location
+
+    def _term(self, group: TermGroup, view: GraphView) -> _TermRecord:
+        first = group.parts[0]
+        edges = group.edges
+        if not edges:
+            origin = first.added_by.constant_args.get(first.operand_index) if first.added_by else None
+            return _TermRecord(group.name, group.location, True, [], {}, None, origin, False, len(group.parts))
         return _TermRecord(
-            user_name or raw.name, term_location, False, reached, sq_norms, coefficient, None, user_name is not None
+            group.name,
+            group.location,
+            False,
+            view.params_reached(*(edge.node for edge in edges)),
+            {},
+            first.producer.factor if first.producer is not None else None,
+            None,
+            any(self._user_term_name(edge.node) is not None for edge in edges),
+            len(group.parts),
+            next((code for edge in edges if (code := view.user_code.get(id(edge.node)))), None),
+            any(id(edge.node) in view.reach_unknown for edge in edges),
         )
 
-    def _term_gradients(self, raw: RawTerm, view: GraphView, reached: list[int]) -> dict[int, float]:
-        """The term's own gradient per parameter: an extra non-accumulating backward from its graph edge."""
-        metadata = raw.node._input_metadata[raw.output_nr]
-        seed = torch.full(tuple(metadata.shape), raw.scale, dtype=metadata.dtype, device=metadata.device)
+    def _measure_terms(
+        self, terms: list[_TermRecord], groups: list[TermGroup], view: GraphView, accumulates: bool
+    ) -> None:
+        """Each term's own gradient per parameter, running no program code twice.
+
+        A backward with one term that reaches parameters (however many addends it merges; the others are dead) needs
+        no extra pass: its gradient is what the real backward accumulates. Otherwise each term gets an extra pass, unless a backward through it runs program code
+        (hooks, Python-defined nodes, checkpoint recomputation): then its gradient is not measured, and it says why.
+        """
+        if not self.term_grads:
+            return
+        live = [(term, group) for term, group in zip(terms, groups, strict=True) if term.may_reach_parameters]
+        if len(live) == 1:
+            live[0][0].from_contributions = accumulates
+            return
+        for term, group in live:
+            if term.user_code is not None:
+                term.grads_skipped = f"a backward through it runs {term.user_code}"
+            else:
+                term.sq_norms = self._term_gradients(group, view, term.param_ids)
+
+    def _term_gradients(self, group: TermGroup, view: GraphView, reached: list[int]) -> dict[int, float]:
+        """The term's own gradient per parameter: an extra non-accumulating backward from its graph edges."""
+        edges, seeds = [], []
+        for part in group.edges:
+            metadata = part.node._input_metadata[part.output_nr]
+            edges.append(GradientEdge(part.node, part.output_nr))
+            seeds.append(torch.full(tuple(metadata.shape), part.scale, dtype=metadata.dtype, device=metadata.device))
         params = [view.leaves[pid][1] for pid in reached]
-        grads = torch.autograd.grad(
-            [GradientEdge(raw.node, raw.output_nr)], params, grad_outputs=[seed], retain_graph=True, allow_unused=True
-        )
+        grads = torch.autograd.grad(edges, params, grad_outputs=seeds, retain_graph=True, allow_unused=True)
         return {pid: 0.0 if g is None else squared_norm(g) for pid, g in zip(reached, grads, strict=True)}
+
+    def _term_from_contributions(self, contributions: list) -> None:
+        """A one-term backward: the term's gradient per parameter is each parameter's contribution."""
+        if not contributions:
+            return
+        term = next((t for t in self.backwards[contributions[0][0]].terms if t.from_contributions), None)
+        if term is None:
+            return
+        for _, param, seen in contributions:
+            if seen:
+                pid = id(param.tensor)
+                term.sq_norms[pid] = seen[0][0] ** 2
+                if pid not in term.param_ids:
+                    term.param_ids.append(pid)
 
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
         upstream: dict[str, set[int]] = {}
@@ -1035,11 +1162,17 @@ class Recorder:
                             t.coefficient,
                             t.break_point,
                             t.named_by_user,
+                            t.addends,
+                            t.grads_skipped,
+                            t.reach_unknown,
                         )
                         for t in b.terms
                     ],
                     group_list(b.param_ids),
                     {g: group_list(pids) for g, pids in b.upstream.items()},
+                    b.walk_truncated,
+                    b.reach_unknown,
+                    b.terms_beyond_cap,
                 )
                 for b in self.backwards
             ],

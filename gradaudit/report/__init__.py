@@ -4,7 +4,12 @@ Schema (version 2):
 - `findings`: list of {rule, name, severity, message, subject, location {file, line} | null, hint}
 - `groups`: list of {group, tensors, trainable, grad_norm, optimizers, reached_by}; grad_norm is the norm of the
   last gradient each tensor received in the window (null when it received none)
-- `terms`: list of {name, location, constant, groups_reached, grad_norms, coefficient}, one per distinct term
+- `terms`: list of {name, location, constant, groups_reached, grad_norms, coefficient, addends, grads_skipped,
+  reach_unknown}, one per distinct term; `addends` > 1 for repeated addends merged into one term (or all those
+  beyond the cap on terms), `grads_skipped` says why its gradient was not measured ("" when it was or none was due),
+  `reach_unknown` that `groups_reached` may be incomplete
+- `notes`: what the audit could not measure or cut short, one line each (walks stopped by the depth limit, terms
+  beyond the cap, term gradients skipped)
 - `chains`: one per (module, location) of a repeatedly applied module, over the backward passes: {module,
   location, backwards (passes it was seen in), calls, carried (gradient-carrying calls in the longest linked run),
   amplification (end-to-end gradient growth from the last carried call back to the first; the largest over the
@@ -104,6 +109,28 @@ def _exp_row(exps: list[Exp]) -> dict[str, Any]:
     }
 
 
+def _notes(trace: Trace) -> list[str]:
+    """What the audit could not see or measure, once per backward location and term."""
+    notes: dict[str, None] = {}
+    for backward in trace.backwards:
+        where = f"the backward at {backward.location}" if backward.location else f"backward #{backward.index}"
+        if backward.walk_truncated:
+            notes[
+                f"{where}: the graph is deeper or larger than gradaudit walks; loss terms that reach only beyond that "
+                "are not reported as dead, and the gradients reaching parameters were read during the backward"
+            ] = None
+        if backward.terms_beyond_cap:
+            notes[
+                f"{where}: more loss terms than the cap; {backward.terms_beyond_cap} addends are merged into "
+                f"`{backward.terms[-1].name}` (raise it with --max-terms)"
+            ] = None
+        for term in backward.terms:
+            if term.grads_skipped:
+                at = f" ({term.location})" if term.location else ""
+                notes[f"the gradient of `{term.name}`{at} was not measured on its own: {term.grads_skipped}"] = None
+    return list(notes)
+
+
 def _json_safe(value: Any) -> Any:
     """Non-finite floats as "inf" / "-inf" / "nan": strict JSON has no NaN or Infinity."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -133,6 +160,9 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
                 "groups_reached": term.groups_reached,
                 "grad_norms": term.grad_norms,
                 "coefficient": term.coefficient,
+                "addends": term.addends,
+                "grads_skipped": term.grads_skipped,
+                "reach_unknown": term.reach_unknown,
             }
             for group in term.groups_reached:
                 reached_by.setdefault(group, set()).add(term.name)
@@ -166,6 +196,7 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
             for o in trace.optimizers
         ],
         "findings": [f.to_dict() for f in findings],
+        "notes": _notes(trace),
         "groups": groups,
         "terms": list(terms.values()),
         "chains": [_chain_row(chains) for chains in by_site(trace.chains, lambda c: (c.module, c.location))],

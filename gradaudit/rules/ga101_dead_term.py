@@ -38,7 +38,7 @@ def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
                     f"the loss term `{term.name}` is a constant: {explain_break(term.break_point)}, "
                     "so every parameter gradient is the same as without it"
                 )
-            elif not term.groups_reached:
+            elif not term.groups_reached and not term.reach_unknown:
                 message = f"the loss term `{term.name}` has an autograd history, but it reaches no trainable parameter"
             else:
                 continue
@@ -58,7 +58,9 @@ RULE = Rule(
         "a violation computed from observed data (torch.as_tensor of rewards), a .detach() or torch.no_grad() "
         "too early, or a .item() round trip. Literal constants (`loss + 1e-8`, or a number that is the same in every "
         "iteration) are not reported; a number computed at run time from data (a numpy scalar such as "
-        "`np.sort(returns)[:k].mean()`, `float()` of a numpy value) is data."
+        "`np.sort(returns)[:k].mean()`, `float()` of a numpy value) is data. Terms whose graph holds code that may "
+        "reach parameters its edges do not show (reentrant checkpointing, a custom autograd.Function), or goes "
+        "deeper than gradaudit walks, are not reported."
     ),
     bad=(
         "rewards = torch.as_tensor(batch_rewards)            # no autograd history\n"

@@ -10,13 +10,16 @@ from gradaudit.trace import Term, Trace
 
 def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
     seen: dict[tuple, list[Term]] = {}
+    unmeasured: set[tuple] = set()
     for backward in trace.backwards:
         for term in backward.terms:
-            if not term.constant and term.groups_reached and term.grad_norms:
+            if term.grads_skipped:
+                unmeasured.add((term.name, term.location))
+            elif not term.constant and term.groups_reached and term.grad_norms:
                 seen.setdefault((term.name, term.location), []).append(term)
     findings = []
     for (name, location), terms in seen.items():
-        if any(norm > 0 for term in terms for norm in term.grad_norms.values()):
+        if (name, location) in unmeasured or any(norm > 0 for term in terms for norm in term.grad_norms.values()):
             continue
         times = f"in all {len(terms)} backward passes" if len(terms) > 1 else "in the one backward pass"
         if any(term.coefficient == 0 for term in terms):

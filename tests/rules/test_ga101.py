@@ -102,3 +102,25 @@ def test_a_helper_called_with_different_constants_is_not_fed_by_data():
             loss.backward()
             optimizer.step()
     assert audit.findings == []
+
+
+def test_reentrant_checkpoint_hides_parameters_but_is_not_a_dead_term(gradaudit_cli):
+    result = gradaudit_cli("run", "reentrant_checkpoint.py")
+    assert result.findings("GA101") == [] and result.findings("GA202") == []
+    terms = {t["name"]: t for t in result.report["terms"]}
+    reconstruction = terms["(reconstruction - obs).pow(2).mean()"]
+    assert reconstruction["reach_unknown"] and reconstruction["groups_reached"] == []
+    assert "reentrant activation checkpointing" in reconstruction["grads_skipped"]
+    assert terms["value_head(obs).pow(2).mean()"]["grad_norms"]["value_head"] > 0
+    assert any("reentrant activation checkpointing" in note for note in result.report["notes"])
+
+
+def test_dead_term_next_to_a_reentrant_checkpoint_is_still_reported(gradaudit_cli):
+    result = gradaudit_cli("run", "reentrant_checkpoint.py", "--", "--bug")
+    (finding,) = result.findings("GA101")
+    assert finding["subject"] == "0.1 * delta.pow(2).mean()"
+    assert "reaches no trainable parameter" in finding["message"]
+    assert finding["location"] == {
+        "file": "reentrant_checkpoint.py",
+        "line": fixture_line("reentrant_checkpoint.py", "GA101-here"),
+    }

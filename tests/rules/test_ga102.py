@@ -15,3 +15,21 @@ def test_nonzero_entropy_coefficient_is_clean(gradaudit_cli):
     result = gradaudit_cli("run", "entropy_bonus.py")
     assert result.findings("GA102") == []
     assert result.at_least_warning() == []  # GA306 informs: a near-uniform policy's entropy gradient is tiny
+
+
+def test_term_not_measured_in_some_pass_is_not_reported():
+    """Zero in one pass, unmeasured in another (its backward ran a hook): GA102 cannot say it is always zero."""
+    from gradaudit.rules import ga102_zero_grad_term
+    from gradaudit.trace import Backward, Location, Term, Trace, Window
+
+    where = Location("train.py", 12, "update")
+
+    def backward(index: int, **measured) -> Backward:
+        term = Term("0.0 * entropy", where, False, ["policy"], coefficient=0.0, **measured)
+        return Backward(index, Location("train.py", 14), True, True, [term], ["policy"])
+
+    measured_zero = backward(0, grad_norms={"policy": 0.0})
+    assert [f.subject for f in ga102_zero_grad_term.RULE.run(Trace("t.py", Window(1, "iterations"), backwards=[measured_zero]))] == ["0.0 * entropy"]
+    skipped = backward(1, grads_skipped="a backward through it runs a gradient hook at train.py:9")
+    trace = Trace("t.py", Window(2, "iterations"), backwards=[measured_zero, skipped])
+    assert ga102_zero_grad_term.RULE.run(trace) == []

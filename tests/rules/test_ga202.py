@@ -19,3 +19,11 @@ def test_frozen_backbone_and_target_network_are_silent(gradaudit_cli):
     for script in ("frozen_backbone.py", "dqn.py"):
         result = gradaudit_cli("run", script)
         assert result.findings() == [], script
+
+
+def test_parameters_reached_only_through_a_reentrant_checkpoint_are_reached(gradaudit_cli):
+    """The walk cannot see past the checkpoint: the real backward's accumulations show the encoder is trained."""
+    result = gradaudit_cli("run", "reentrant_checkpoint.py")
+    assert result.findings("GA202") == []
+    encoder = next(g for g in result.report["groups"] if g["group"] == "encoder")
+    assert encoder["grad_norm"] > 0
