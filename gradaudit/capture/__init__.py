@@ -66,7 +66,7 @@ class Audit:
 
     def finish(self, stopped_by: str | None = None, note: str = "") -> None:
         self.trace = self.recorder.build_trace(self.program, stopped_by, note)
-        self.trace.arguments, self.trace.torch_version = self.arguments, torch.__version__
+        self.trace.arguments, self.trace.torch_version = self.arguments, str(torch.__version__)
         self.trace.flow_graphs = build_flow_graphs(self.trace)
         self.findings = run_rules(self.trace, self.select, self.ignore, self.options)
 
