@@ -220,6 +220,52 @@ def compiled_module_and_loss() -> State:
     return _state(model)
 
 
+def sparse_embedding() -> State:
+    """Sparse gradients (nn.Embedding(sparse=True) with SparseAdam) next to a dense head."""
+    embedding, head = nn.Embedding(20, 4, sparse=True), nn.Linear(4, 1)
+    sparse, dense = torch.optim.SparseAdam(embedding.parameters(), lr=0.05), torch.optim.SGD(head.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = head(embedding(torch.randint(0, 20, (8,)))).pow(2).mean()
+        sparse.zero_grad()
+        dense.zero_grad()
+        loss.backward()
+        sparse.step()
+        dense.step()
+    return _state(embedding, head)
+
+
+def _train_in_thread(model: nn.Module) -> None:
+    import threading
+
+    worker = threading.Thread(target=_steps, args=(model, lambda x: model(x).pow(2).mean(), 5))
+    worker.start()
+    worker.join()
+
+
+def training_thread() -> State:
+    """A second thread trains its own model while the auditing thread trains another: neither is altered."""
+    main_model, thread_model = nn.Linear(4, 1), nn.Linear(4, 1)
+    thread_rng = torch.Generator().manual_seed(1)
+    thread_model.weight.data.copy_(torch.randn(1, 4, generator=thread_rng))
+    _train_in_thread(thread_model)
+    _steps(main_model, lambda x: main_model(x).pow(2).mean())
+    return _state(main_model, thread_model)
+
+
+def forked_worker() -> State:
+    """A forked child trains a shared-memory model to its end (hogwild): the audit is not inherited by it."""
+    import multiprocessing
+
+    model = nn.Linear(4, 1)
+    model.share_memory()
+    child = multiprocessing.get_context("fork").Process(target=_steps, args=(model, lambda x: model(x).pow(2).mean(), 6))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    _steps(model, lambda x: model(x).pow(2).mean())
+    return _state(model)
+
+
 PROGRAMS: list[InProcess | Script] = [
     InProcess("gradient-noise-hooks", gradient_noise_hooks),
     InProcess("custom-function-counter", custom_function_counter),
@@ -228,6 +274,9 @@ PROGRAMS: list[InProcess | Script] = [
     InProcess("retained-grad", retained_grad),
     InProcess("compile-aot-eager", compiled_aot_eager),
     InProcess("compile-module-and-loss-aot-eager", compiled_module_and_loss),
+    InProcess("sparse-embedding", sparse_embedding),
+    InProcess("training-thread", training_thread),
+    InProcess("forked-worker", forked_worker),
     Script("cli-backward-code", "observed_training.py"),
 ]
 
