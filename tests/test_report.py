@@ -121,6 +121,8 @@ def test_clamps_and_exps_are_aggregated_per_op_and_location():
         "below": 0.0,
         "above": 0.9,
         "gate": False,
+        "selected_dead": None,
+        "selected_by": None,
     }
     assert gate_row["op"] == "relu" and gate_row["gate"] and gate_row["upper"] is None
     (exp_row,) = report["exps"]
@@ -186,3 +188,21 @@ def test_console_shows_chains_matrix_and_numerics(monkeypatch):
 def test_console_leaves_out_empty_sections():
     text = render(build_report(Trace(program="train.py", window=Window(1, "iterations")), []))
     assert "chains" not in text and "term × group" not in text and "clamps and exp" not in text
+
+
+def test_a_clamp_inside_a_max_shows_the_share_the_max_selects():
+    import dataclasses
+    import io
+
+    from gradaudit.report import console
+    from gradaudit.trace import Location, Selection
+
+    trace = hand_made_trace()
+    picked = Selection("max", Location("train.py", 40), "torch.max(unclipped, clipped)", 0.75)
+    trace.clamps = [dataclasses.replace(c, selection=picked) if c.op == "clamp" else c for c in trace.clamps]
+    report = build_report(trace, [])
+    row = report["clamps"][0]
+    assert (row["selected_dead"], row["selected_by"]) == (0.75, {"file": "train.py", "line": 40})
+    out = io.StringIO()
+    console.render(report, out, width=400)
+    assert "the max/min at train.py:40 selects 75% of them" in out.getvalue()

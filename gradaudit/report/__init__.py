@@ -79,6 +79,8 @@ def _matrix_entry(backward: Backward) -> dict[str, Any]:
 
 def _clamp_row(clamps: list[Clamp]) -> dict[str, Any]:
     worst = max(clamps, key=lambda clamp: clamp.saturated)
+    selections = [clamp.selection for clamp in clamps if clamp.selection is not None]
+    selection = max(selections, key=lambda s: s.zero_share) if selections else None
     return {
         "op": worst.op,
         "expression": worst.expression,
@@ -91,6 +93,8 @@ def _clamp_row(clamps: list[Clamp]) -> dict[str, Any]:
         "below": worst.below,
         "above": worst.above,
         "gate": worst.gate,
+        "selected_dead": selection.zero_share if selection else None,
+        "selected_by": _location(selection.location) if selection else None,
     }
 
 

@@ -227,6 +227,8 @@ def _numerics(console: Console, report: dict[str, Any]) -> None:
             if clamp[bound] is not None
         ]
         what = f"{_percent(clamp['saturated'])} of {clamp['elements']} elements at a bound ({', '.join(outside)})"
+        if clamp["selected_dead"] is not None:
+            what += f"; the max/min at {_where(clamp['selected_by'])} selects {_percent(clamp['selected_dead'])} of them"
         rows.append((clamp["op"] + (" (gate)" if clamp["gate"] else ""), clamp["expression"], what, clamp["location"]))
     for exp in report["exps"]:
         what = (
@@ -269,6 +271,8 @@ def render(report: dict[str, Any], stream: TextIO, width: int | None = None) -> 
         console.print(
             Text(f"gradaudit: {internal_errors} internal error(s) in its hooks: the audit is partial", "bold yellow")
         )
+    for note in report["notes"]:
+        console.print(Text("note: ", "yellow") + _text(note))
     if report["findings"]:
         _findings(console, report["findings"])
     else:
