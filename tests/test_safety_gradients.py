@@ -102,3 +102,18 @@ def test_op_observation_errors_count_as_internal_errors(monkeypatch):
     assert audit.recorder.internal_errors == 0
     assert audit.recorder.internal_errors_total() == audit.recorder.mode.errors > 0
     assert audit.trace.window.internal_errors == audit.recorder.mode.errors
+
+
+def test_in_place_init_through_a_view_of_a_parameter_is_no_internal_error():
+    """`nn.init.orthogonal_` copies into a view of a parameter under no_grad (stable-baselines3 initialises every
+    policy so): torch refuses to say whether that view has a history, and gradaudit must not count it an error."""
+    with gradaudit.audit() as audit:
+        layer = nn.Linear(3, 3)
+        nn.init.orthogonal_(layer.weight)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        loss = layer(torch.ones(2, 3)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert audit.recorder.internal_errors_total() == 0
+    assert audit.trace.window.internal_errors == 0

@@ -109,6 +109,15 @@ Lineage = dict[int, tuple[int, int]]
 """id(module) -> (how many calls of that module fed this tensor, the index of the latest one)."""
 
 
+def _has_history(tensor: torch.Tensor) -> bool:
+    """Whether autograd records the tensor's history (read without making a grad_fn wrapper). A view made under
+    no_grad whose base was then modified in place with grad on has none that can be read: torch raises on it."""
+    try:
+        return tensor.requires_grad and not tensor.is_leaf
+    except RuntimeError:
+        return False
+
+
 def op_name(func: Callable) -> str:
     return getattr(func, "__name__", str(func))
 
@@ -261,7 +270,7 @@ class ProvenanceMode(TorchFunctionMode):
         )
         if not outputs:
             return
-        tracked = [o for o in outputs if o.requires_grad and not o.is_leaf]  # no grad_fn wrapper made yet
+        tracked = [o for o in outputs if _has_history(o)]
         needs_inputs = tracked or self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES or stats is not None
         inputs = list(_tensors([*args, *kwargs.values()])) if needs_inputs else []
         if self.lineage:
