@@ -378,6 +378,29 @@ def report(
 
 
 @app.command()
+def check(
+    names: Annotated[list[str] | None, typer.Argument(help="audits to run (default: all)")] = None,
+    sarif_path: SarifOption = None,
+    update_baseline: Annotated[
+        bool, typer.Option("--update-baseline", help="rewrite each audit's baseline from this run")
+    ] = False,
+) -> None:
+    """Run the audits of [tool.gradaudit.audits] in pyproject.toml, each as its own `gradaudit run`.
+
+    Prints one summary table (with a baseline: + new findings, - fixed ones). Exit status: the worst of the
+    audits' (`gradaudit run --help`); 2 when no audit is declared or the settings are bad.
+    """
+    from gradaudit.check import run_check
+
+    try:
+        config = load_config()
+        sarif_file = output_path(sarif_path, "--sarif")
+        raise typer.Exit(run_check(config, names or [], update_baseline, sarif_file))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="folder for the HTML reports and index.html")] = Path("reports"),
 ) -> None:

@@ -260,7 +260,7 @@ def comparison_dict(comparison: Comparison, path: Path | str) -> dict[str, Any]:
     """The `baseline` section of the JSON report."""
     return {
         "path": str(path),
-        "new": [lock(f).fingerprint for f in comparison.new],
+        "new": [{**vars(lock(f)), "line": None if f.location is None else f.location.line} for f in comparison.new],
         "known": [lock(f).fingerprint for f in comparison.known],
         "fixed": [vars(locked) for locked in comparison.fixed],
     }
