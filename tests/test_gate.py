@@ -63,7 +63,8 @@ def test_unchanged_program_passes_with_its_finding_known(project):
 
 def test_moved_code_and_renamed_unrelated_variable_still_match(project):
     edit(project, "import sys\n", "import sys\n\n# a comment\n# and another\n\n")
-    edit(project, "for step in range(20):", "for iteration in range(20):")
+    edit(project, "obs = torch.randn(16, 4)", "observation = torch.randn(16, 4)")
+    edit(project, "encoder(obs)", "encoder(observation)")
     result = gate()
     assert result.exit_code == 0, result.output
     assert "0 new, 1 known, 0 fixed" in result.output
@@ -80,7 +81,11 @@ def test_introduced_bug_fails_with_a_readable_diff(project):
 
 
 def test_fixed_finding_is_listed_and_passes(project):
-    edit(project, "[*critic.parameters(), *encoder.parameters()]", "[*critic.parameters(), *encoder.parameters(), *head.parameters()]")
+    edit(
+        project,
+        "[*critic.parameters(), *encoder.parameters()]",
+        "[*critic.parameters(), *encoder.parameters(), *head.parameters()]",
+    )
     result = gate()
     assert result.exit_code == 0, result.output
     assert "- fixed: GA201 head" in " ".join(result.output.split())
