@@ -18,6 +18,7 @@ contracts = [
   { group = "encoder", stepped-by = "critic_optimizer" },
 ]
 """
+# The OASIS SARIF 2.1.0 schema (final, rtm.5), vendored from the npm package @microsoft/jest-sarif 1.0.0-beta.0 (MIT).
 SCHEMA = json.loads((FIXTURES.parent / "schemas" / "sarif-schema-2.1.0.json").read_text())
 
 
