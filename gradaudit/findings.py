@@ -46,7 +46,7 @@ class Finding:
             "message": self.message,
             "location": None if self.location is None else {"file": self.location.file, "line": self.location.line},
             "hint": self.hint,
-            "related": [{"file": loc.file, "line": loc.line} for loc in self.related],
+            **({"related": [{"file": loc.file, "line": loc.line} for loc in self.related]} if self.related else {}),
         }
 
 
