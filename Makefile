@@ -1,5 +1,6 @@
 # `make demo` audits the bundled agents and writes the HTML gallery; `make reports` regenerates the committed one;
-# `make test` runs the test suite. All set up .venv first.
+# `make test` runs the test suite (which runs the gate too); `make gate` runs `gradaudit check` on the reference
+# agents against their baselines (reports/baselines/). All set up .venv first.
 # EXTRAS=dev,external also installs the third-party trainers of the external test group (as .ci/run does).
 VENV ?= .venv
 PYTHON ?= python3
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo reports graphviz test lint clean
+.PHONY: demo reports graphviz test gate lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ reports: $(STAMP) graphviz
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+gate: $(STAMP)
+	$(BIN)/gradaudit check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

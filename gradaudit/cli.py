@@ -1,4 +1,4 @@
-"""The command line: `gradaudit run`, `gradaudit report`, `gradaudit rules`."""
+"""The command line: `gradaudit run`, `gradaudit report`, `gradaudit check`, `gradaudit rules`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import enum
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gradaudit import gate
 from gradaudit.config import Config, ConfigError, load_config, parse_option
-from gradaudit.findings import Finding, Severity
-from gradaudit.report import build_report, json_report
+from gradaudit.findings import Declarations, Finding, Severity
+from gradaudit.report import build_report, json_report, sarif
 from gradaudit.report import console as console_report
 from gradaudit.report.html import write_html
 from gradaudit.rules import RULES, rule_by_code, run_rules
@@ -99,6 +100,39 @@ def writing(path: Path) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """`--baseline FILE`: the baseline read before anything runs, or, with --update-baseline, the file to write."""
+
+    path: Path
+    baseline: gate.Baseline | None
+    """None: --update-baseline."""
+
+
+def gate_settings(path: Path | None, update: bool) -> Gate | None:
+    """A damaged, unreadable or future-version baseline (or an unwritable one to update) is exit 2, up front."""
+    if path is None:
+        if update:
+            fail("--update-baseline needs --baseline FILE (the file to write)")
+        return None
+    if update:
+        return Gate(output_path(path, "--baseline"), None)  # type: ignore[arg-type]
+    try:
+        return Gate(Path(os.path.abspath(path)), gate.read_baseline(path))
+    except gate.BaselineError as exc:
+        fail(str(exc))
+
+
+def declared(config: Config, gating: Gate | None, audit: str | None = None) -> Callable[[Trace], Declarations] | None:
+    """The declarations the contract and regression rules get: the config's contracts (and `audit`'s), the baseline."""
+    contracts = config.contracts
+    if audit is not None:
+        if audit not in config.audits:
+            fail(f"--audit {audit}: no [tool.gradaudit.audits.{audit}] in {config.source or 'any pyproject.toml'}")
+        contracts += config.audits[audit].contracts
+    return gate.declarations_for(contracts, None if gating is None else gating.baseline)
+
+
+@dataclass(frozen=True)
 class Outputs:
     """What a command writes (paths checked before anything runs) and the severity that fails it."""
 
@@ -107,11 +141,18 @@ class Outputs:
     html_path: Path | None
     quiet: bool
     fail_on: Severity
+    sarif_path: Path | None = None
+    gate: Gate | None = None
 
 
 def emit(trace: Trace, findings: list[Finding], outputs: Outputs) -> int:
-    """Writes the requested outputs; returns the exit code for `fail_on`."""
+    """Writes the requested outputs; returns the exit code for `fail_on` (on new findings only, with a baseline)."""
     report = build_report(trace, findings)
+    gating, failing = outputs.gate, findings
+    if gating is not None and gating.baseline is not None:
+        comparison = gate.compare(findings, gating.baseline)
+        report["baseline"] = gate.comparison_dict(comparison, gating.path)
+        failing = comparison.new
     if outputs.trace_path is not None:
         with writing(outputs.trace_path):
             trace.save(outputs.trace_path)
@@ -121,9 +162,20 @@ def emit(trace: Trace, findings: list[Finding], outputs: Outputs) -> int:
     if outputs.json_path is not None:
         with writing(outputs.json_path), outputs.json_path.open("w") as stream:
             json_report.render(report, stream)
+    if outputs.sarif_path is not None:
+        with writing(outputs.sarif_path), outputs.sarif_path.open("w") as stream:
+            sarif.render(report, stream)
     if not outputs.quiet:
         console_report.render(report, sys.stdout)
-    return 1 if any(f.severity >= outputs.fail_on for f in findings) else 0
+    if gating is not None and gating.baseline is None:
+        with writing(gating.path):
+            gate.write_baseline(gating.path, findings, gate.trace_stats(trace))
+        Console(highlight=False).print(f"baseline written: {escape(str(gating.path))} ({len(findings)} finding(s))")
+        return 0
+    if gating is not None and not outputs.quiet:
+        for line in gate.comparison_lines(comparison, gating.path):
+            Console(highlight=False, soft_wrap=True).print(escape(console_report.printable(line)))
+    return 1 if any(f.severity >= outputs.fail_on for f in failing) else 0
 
 
 SelectOption = Annotated[list[str] | None, typer.Option("--select", help="only these rules (codes, prefixes, names)")]
@@ -141,6 +193,14 @@ HtmlOption = Annotated[
     Path | None, typer.Option("--html", help="write a self-contained HTML report with the gradient-flow graph")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no console report")]
+SarifOption = Annotated[Path | None, typer.Option("--sarif", help="write the findings as SARIF 2.1.0 (code scanning)")]
+BaselineOption = Annotated[
+    Path | None,
+    typer.Option("--baseline", help="fail only on findings not in this baseline; report gradient regressions"),
+]
+UpdateBaselineOption = Annotated[
+    bool, typer.Option("--update-baseline", help="write the --baseline file from this run instead of comparing")
+]
 
 
 @app.command(context_settings={"allow_interspersed_args": True})
@@ -170,6 +230,12 @@ def run(
         int | None,
         typer.Option("--max-terms", min=1, help="loss terms reported per backward root; the rest are merged into one"),
     ] = None,
+    sarif_path: SarifOption = None,
+    baseline: BaselineOption = None,
+    update_baseline: UpdateBaselineOption = False,
+    audit_name: Annotated[
+        str | None, typer.Option("--audit", help="also check the contracts of [tool.gradaudit.audits.NAME]")
+    ] = None,
 ) -> None:
     """Run a training program under audit: `gradaudit run train.py -- --lr 3e-4`.
 
@@ -179,7 +245,8 @@ def run(
 
     Exit status: 0 no finding at or above --fail-on; 1 findings at or above --fail-on; 2 nothing could be
     audited (bad input or settings, or the program failed before its first training iteration); 130
-    interrupted (Ctrl-C, after a partial report). When the program itself ended with a non-zero status after
+    interrupted (Ctrl-C, after a partial report). With --baseline, only findings not in the baseline count.
+    When the program itself ended with a non-zero status after
     audited iterations (sys.exit(3), os._exit(3); 1 for an uncaught exception or sys.exit("message"), as in
     Python), gradaudit reports what it saw and exits with that status, so a failing program never passes.
     """
@@ -188,12 +255,15 @@ def run(
     from gradaudit.runner import ProgramNotFound, run_program
 
     config = settings(select, ignore, fail_on, option, iterations)
+    gating = gate_settings(baseline, update_baseline)
     outputs = Outputs(
         output_path(json_path, "--json"),
         output_path(save_trace, "--save-trace"),
         output_path(html_path, "--html"),
         quiet,
         config.fail_on,
+        output_path(sarif_path, "--sarif"),
+        gating,
     )
     args = list(script_args or [])
     if module is not None:
@@ -215,6 +285,7 @@ def run(
         arguments=args,
         raw_graph=html_path is not None,
         raw_graph_cap=raw_graph_cap,
+        declarations=declared(config, gating, audit_name),
     )
 
     def conclude(outcome: Outcome) -> int:
@@ -287,16 +358,52 @@ def report(
     option: OptionOption = None,
     quiet: QuietOption = False,
     html_path: HtmlOption = None,
+    sarif_path: SarifOption = None,
+    baseline: BaselineOption = None,
+    update_baseline: UpdateBaselineOption = False,
 ) -> None:
     """Re-run the rules on a saved trace."""
     config = settings(select, ignore, fail_on, option)
-    outputs = Outputs(output_path(json_path, "--json"), None, output_path(html_path, "--html"), quiet, config.fail_on)
+    gating = gate_settings(baseline, update_baseline)
+    outputs = Outputs(
+        output_path(json_path, "--json"),
+        None,
+        output_path(html_path, "--html"),
+        quiet,
+        config.fail_on,
+        output_path(sarif_path, "--sarif"),
+        gating,
+    )
     try:
         trace = Trace.load(trace_path)
     except TraceError as exc:
         fail(str(exc))
-    findings = run_rules(trace, config.select, config.ignore, config.options)
+    declare = declared(config, gating)
+    findings = run_rules(trace, config.select, config.ignore, config.options, declare and declare(trace))
     raise typer.Exit(emit(trace, findings, outputs))
+
+
+@app.command()
+def check(
+    names: Annotated[list[str] | None, typer.Argument(help="audits to run (default: all)")] = None,
+    sarif_path: SarifOption = None,
+    update_baseline: Annotated[
+        bool, typer.Option("--update-baseline", help="rewrite each audit's baseline from this run")
+    ] = False,
+) -> None:
+    """Run the audits of [tool.gradaudit.audits] in pyproject.toml, each as its own `gradaudit run`.
+
+    Prints one summary table (with a baseline: + new findings, - fixed ones). Exit status: the worst of the
+    audits' (`gradaudit run --help`); 2 when no audit is declared or the settings are bad.
+    """
+    from gradaudit.check import run_check
+
+    try:
+        config = load_config()
+        sarif_file = output_path(sarif_path, "--sarif")
+        raise typer.Exit(run_check(config, names or [], update_baseline, sarif_file))
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 @app.command()

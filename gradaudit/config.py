@@ -7,8 +7,17 @@ ignore = ["GA102"]
 fail-on = "error"                            # info | warning | error
 iterations = 5
 
+contracts = [{ loss = "critic_loss", reaches = ["obs_encoder"] }]   # gradient contracts (gradaudit/contracts.py)
+
 [tool.gradaudit.GA301]                       # rule thresholds, as `gradaudit rules GA301` lists them
 max_amplification = 50
+
+[tool.gradaudit.audits.ppo]                  # what `gradaudit check` runs, each as its own `gradaudit run`
+script = "train.py"                          # or module = "package.train"
+args = ["--env", "CartPole-v1"]
+iterations = 3
+baseline = "gradaudit-baseline.json"         # relative to this file
+contracts = [{ group = "encoder", stepped-by = "optimizer" }]
 ```
 """
 
@@ -21,12 +30,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradaudit.contracts import Contract, header_line, parse_contracts
 from gradaudit.findings import ConfigError, Severity
 from gradaudit.rules import options_by_rule, unknown_patterns
 
-__all__ = ["Config", "ConfigError", "find_pyproject", "load_config", "parse_option"]
+__all__ = ["AuditSpec", "Config", "ConfigError", "find_pyproject", "load_config", "parse_option"]
 
 _TABLE = "[tool.gradaudit]"
+_AUDIT_KEYS = ("script", "module", "args", "iterations", "baseline", "contracts")
+
+
+@dataclass(frozen=True)
+class AuditSpec:
+    """One audit of `[tool.gradaudit.audits]`: a program and what to hold it to."""
+
+    name: str
+    program: str
+    as_module: bool
+    args: tuple[str, ...] = ()
+    iterations: int | None = None
+    baseline: Path | None = None
+    contracts: tuple[Contract, ...] = ()
+    folder: Path = Path()
+    """The pyproject.toml's folder: the audit runs there."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,10 @@ class Config:
     """Rule thresholds qualified by rule code: {"GA301.max_amplification": 50.0}."""
     source: Path | None = None
     """The pyproject.toml these settings were read from; None: defaults."""
+    contracts: tuple[Contract, ...] = ()
+    """Gradient contracts for every run."""
+    audits: Mapping[str, AuditSpec] = field(default_factory=dict)
+    """What `gradaudit check` runs, by name."""
 
     def override(
         self,
@@ -111,8 +141,14 @@ def _from_table(table: Any, path: Path) -> Config:
         raise ConfigError(f"{_TABLE} must be a table, got {table!r}")
     settings: dict[str, Any] = {}
     options: dict[str, Any] = {}
+    text = path.read_text(encoding="utf-8")
+    display = _display(path)
     for key, value in table.items():
-        if isinstance(value, dict):
+        if key == "contracts":
+            settings["contracts"] = parse_contracts(value, text, header_line(text, ("tool", "gradaudit")), display)
+        elif key == "audits":
+            settings["audits"] = _audits(value, text, path, display)
+        elif isinstance(value, dict):
             options.update({f"{key}.{name}": option for name, option in value.items()})
         elif key in ("select", "ignore"):
             settings[key] = _rule_patterns(key, value)
@@ -122,7 +158,7 @@ def _from_table(table: Any, path: Path) -> Config:
             settings["iterations"] = _iterations(value)
         else:
             raise ConfigError(
-                f"unknown key {key!r} in {_TABLE} (known: select, ignore, fail-on, iterations, "
+                f"unknown key {key!r} in {_TABLE} (known: select, ignore, fail-on, iterations, contracts, audits, "
                 "and rule tables such as [tool.gradaudit.GA301])"
             )
     options_by_rule(options)
@@ -155,3 +191,46 @@ def _iterations(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"iterations must be a positive integer, got {value!r}")
     return value
+
+
+def _display(path: Path) -> str:
+    """The path as findings show files: relative to the working directory when under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _audits(value: Any, text: str, path: Path, display: str) -> dict[str, AuditSpec]:
+    if not isinstance(value, dict) or not all(isinstance(spec, dict) for spec in value.values()):
+        raise ConfigError(f"audits must be tables such as [tool.gradaudit.audits.NAME], got {value!r}")
+    return {name: _audit(name, spec, text, path, display) for name, spec in value.items()}
+
+
+def _audit(name: str, spec: dict[str, Any], text: str, path: Path, display: str) -> AuditSpec:
+    where = f"audit {name!r}"
+    unknown = sorted(set(spec) - set(_AUDIT_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(_AUDIT_KEYS)})")
+    if ("script" in spec) == ("module" in spec):
+        raise ConfigError(f"{where} needs exactly one of script or module")
+    program = spec.get("script", spec.get("module"))
+    args = spec.get("args", [])
+    baseline = spec.get("baseline")
+    if not isinstance(program, str) or not program:
+        raise ConfigError(f"{where}: script or module must be a name, got {program!r}")
+    if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+        raise ConfigError(f"{where}: args must be a list of strings, got {args!r}")
+    if baseline is not None and (not isinstance(baseline, str) or not baseline):
+        raise ConfigError(f"{where}: baseline must be a path, got {baseline!r}")
+    start = header_line(text, ("tool", "gradaudit", "audits", name))
+    return AuditSpec(
+        name,
+        program,
+        "module" in spec,
+        tuple(args),
+        None if "iterations" not in spec else _iterations(spec["iterations"]),
+        None if baseline is None else path.parent / baseline,
+        parse_contracts(spec.get("contracts", []), text, start, display),
+        path.parent,
+    )

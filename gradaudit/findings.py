@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gradaudit.trace import Location, Trace
+
+if TYPE_CHECKING:
+    from gradaudit.contracts import Contract
+    from gradaudit.gate import Stats
 
 
 class ConfigError(ValueError):
@@ -29,6 +34,8 @@ class Finding:
     message: str
     location: Location | None
     hint: str
+    related: tuple[Location, ...] = ()
+    """Further places the finding concerns: the contract it breaks (its line in pyproject.toml)."""
 
     def to_dict(self) -> dict:
         return {
@@ -39,10 +46,24 @@ class Finding:
             "message": self.message,
             "location": None if self.location is None else {"file": self.location.file, "line": self.location.line},
             "hint": self.hint,
+            **({"related": [{"file": loc.file, "line": loc.line} for loc in self.related]} if self.related else {}),
         }
 
 
+@dataclass(frozen=True)
+class Declarations:
+    """What the user declared beside the program: gradient contracts and a baseline's gradient statistics.
+
+    Rules that need them (GA4xx, and the baseline regressions) run only when they are given."""
+
+    contracts: Sequence[Contract] = ()
+    baseline: Stats | None = None
+    backward_lines: Mapping[str, str] = field(default_factory=dict)
+    """The source text of each backward call (`file:line` -> `critic_loss.backward()`), to name a loss by variable."""
+
+
 Check = Callable[[Trace, Mapping[str, float]], list[Finding]]
+DeclaredCheck = Callable[[Trace, Mapping[str, float], Declarations], list[Finding]]
 
 
 @dataclass(frozen=True)
@@ -57,9 +78,11 @@ class Rule:
     bad: str
     good: str
     fix: str
-    check: Check
+    check: Check | DeclaredCheck
     options: Mapping[str, float] = field(default_factory=dict)
     """Thresholds, with their defaults; documented in `why`. Set as `CODE.name` (`-o`, `[tool.gradaudit.CODE]`)."""
+    declared: bool = False
+    """The check compares against Declarations (a contract, a baseline) and is called with them; skipped without."""
 
     def finding(
         self,
@@ -68,6 +91,7 @@ class Rule:
         location: Location | None,
         severity: Severity | None = None,
         hint: str | None = None,
+        related: Sequence[Location] = (),
     ) -> Finding:
         return Finding(
             self.code,
@@ -77,6 +101,7 @@ class Rule:
             message,
             location,
             self.fix if hint is None else hint,
+            tuple(related),
         )
 
     def resolve_options(self, overrides: Mapping[str, object] | None = None) -> dict[str, float]:
@@ -91,5 +116,15 @@ class Rule:
             resolved[name] = float(value)
         return resolved
 
-    def run(self, trace: Trace, overrides: Mapping[str, float] | None = None) -> list[Finding]:
-        return self.check(trace, self.resolve_options(overrides))
+    def apply(
+        self, trace: Trace, options: Mapping[str, float], declarations: Declarations | None = None
+    ) -> list[Finding]:
+        """The findings with resolved `options`; a declared rule finds nothing without declarations."""
+        if not self.declared:
+            return self.check(trace, options)  # type: ignore[call-arg]
+        return [] if declarations is None else self.check(trace, options, declarations)  # type: ignore[call-arg]
+
+    def run(
+        self, trace: Trace, overrides: Mapping[str, float] | None = None, declarations: Declarations | None = None
+    ) -> list[Finding]:
+        return self.apply(trace, self.resolve_options(overrides), declarations)

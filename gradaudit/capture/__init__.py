@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 
 import torch
 
 from gradaudit.capture.graph import MAX_TERMS
 from gradaudit.capture.recorder import InstallError, Recorder, StopAudit
-from gradaudit.findings import Finding
+from gradaudit.findings import Declarations, Finding
 from gradaudit.flowgraph import build_flow_graphs
 from gradaudit.rules import options_by_rule, run_rules
 from gradaudit.trace import RAW_GRAPH_CAP, Trace
@@ -42,8 +42,11 @@ class Audit:
         raw_graph: bool = False,
         raw_graph_cap: int = RAW_GRAPH_CAP,
         max_terms: int = MAX_TERMS,
+        declarations: Callable[[Trace], Declarations] | None = None,
     ) -> None:
         self.program, self.arguments = program, list(arguments)
+        self.declarations = declarations
+        """Contracts and baseline statistics for the declared rules (GA4xx, baseline regressions), made per trace."""
         self.select, self.ignore, self.options = select, ignore, options or {}
         options_by_rule(self.options)  # a misspelt threshold fails here, before the program runs
         self.recorder = Recorder(
@@ -68,7 +71,8 @@ class Audit:
         self.trace = self.recorder.build_trace(self.program, stopped_by, note)
         self.trace.arguments, self.trace.torch_version = self.arguments, str(torch.__version__)
         self.trace.flow_graphs = build_flow_graphs(self.trace)
-        self.findings = run_rules(self.trace, self.select, self.ignore, self.options)
+        declared = None if self.declarations is None else self.declarations(self.trace)
+        self.findings = run_rules(self.trace, self.select, self.ignore, self.options, declared)
 
     def term(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Names a loss term so that findings speak of it by this name; returns the tensor unchanged."""

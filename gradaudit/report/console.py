@@ -285,3 +285,9 @@ def render(report: dict[str, Any], stream: TextIO, width: int | None = None) -> 
             _matrix(console, entry)
     if report["clamps"] or report["exps"]:
         _numerics(console, report)
+
+
+def render_findings(findings: list[dict[str, Any]], stream: TextIO, width: int | None = None) -> None:
+    """Only the findings, as the report prints them (the pytest plugin's failure messages); none: nothing."""
+    if findings:
+        _findings(Console(file=stream, width=width, highlight=False, emoji=False), findings)

@@ -4,40 +4,54 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from gradaudit.findings import ConfigError, Finding, Rule
+from gradaudit.findings import ConfigError, Declarations, Finding, Rule
 from gradaudit.rules import (
     ga101_dead_term,
     ga102_zero_grad_term,
+    ga103_term_lost_gradient,
     ga201_orphan_param,
     ga202_unreached_param,
     ga203_discarded_grad,
     ga204_multi_optimizer_param,
     ga205_stale_grad,
     ga206_target_grad,
+    ga207_group_lost_gradient,
+    ga208_optimizer_changed,
     ga301_exploding_chain,
     ga302_vanishing_chain,
     ga303_saturated_clamp,
     ga304_exp_overflow,
     ga305_nonfinite_grad,
     ga306_term_dominance,
+    ga307_grad_norm_shift,
+    ga401_missing_route,
+    ga402_forbidden_route,
+    ga403_wrong_owner,
 )
 from gradaudit.trace import Trace
 
 RULES: tuple[Rule, ...] = (
     ga101_dead_term.RULE,
     ga102_zero_grad_term.RULE,
+    ga103_term_lost_gradient.RULE,
     ga201_orphan_param.RULE,
     ga202_unreached_param.RULE,
     ga203_discarded_grad.RULE,
     ga204_multi_optimizer_param.RULE,
     ga205_stale_grad.RULE,
     ga206_target_grad.RULE,
+    ga207_group_lost_gradient.RULE,
+    ga208_optimizer_changed.RULE,
     ga301_exploding_chain.RULE,
     ga302_vanishing_chain.RULE,
     ga303_saturated_clamp.RULE,
     ga304_exp_overflow.RULE,
     ga305_nonfinite_grad.RULE,
     ga306_term_dominance.RULE,
+    ga307_grad_norm_shift.RULE,
+    ga401_missing_route.RULE,
+    ga402_forbidden_route.RULE,
+    ga403_wrong_owner.RULE,
 )
 
 
@@ -75,12 +89,14 @@ def run_rules(
     select: Collection[str] = (),
     ignore: Collection[str] = (),
     options: Mapping[str, float] | None = None,
+    declarations: Declarations | None = None,
 ) -> list[Finding]:
-    """Runs the selected rules; `options` are thresholds qualified by rule code (`GA301.max_amplification`)."""
+    """Runs the selected rules; `options` are thresholds qualified by rule code (`GA301.max_amplification`);
+    the contract and baseline rules run only with `declarations`."""
     own_options = options_by_rule(options or {})
     findings: list[Finding] = []
     for rule in RULES:
         if (select and not _matches(rule, select)) or (ignore and _matches(rule, ignore)):
             continue
-        findings.extend(rule.check(trace, own_options[rule.code]))
+        findings.extend(rule.apply(trace, own_options[rule.code], declarations))
     return sorted(findings, key=lambda f: (-f.severity, f.rule, f.subject))

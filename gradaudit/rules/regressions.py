@@ -1,0 +1,24 @@
+"""Pure helpers of the baseline regression rules (GA103, GA207, GA208, GA307): a run's statistics beside the
+baseline's, and where a group's gradient shows up in the code."""
+
+from __future__ import annotations
+
+from gradaudit.findings import Declarations
+from gradaudit.gate import Stats, trace_stats
+from gradaudit.rules.flow import first_location
+from gradaudit.trace import Location, Trace
+
+
+def against_baseline(trace: Trace, declarations: Declarations) -> tuple[Stats, Stats] | None:
+    """(the baseline's statistics, this run's); None without a baseline."""
+    if declarations.baseline is None:
+        return None
+    return declarations.baseline, trace_stats(trace)
+
+
+def group_location(trace: Trace, group: str) -> Location | None:
+    """Where the group first received gradient, else where an optimizer holding it was created."""
+    members = {p.name for p in trace.parameters if p.group == group}
+    received = (e.location for e in trace.events if e.kind == "accumulate" and e.param in members)
+    owners = sorted({i for p in trace.parameters if p.group == group for i in p.owners})
+    return first_location([*received, *(trace.optimizers[i].created_at for i in owners)])
