@@ -32,7 +32,7 @@ from typing import Any
 
 from gradaudit.contracts import Contract, header_line, parse_contracts
 from gradaudit.findings import ConfigError, Severity
-from gradaudit.rules import options_by_rule, unknown_patterns
+from gradaudit.rules import known_patterns, options_by_rule
 
 __all__ = ["AuditSpec", "Config", "ConfigError", "find_pyproject", "load_config", "parse_option"]
 
@@ -89,8 +89,8 @@ class Config:
         options_by_rule(merged_options)
         return dataclasses.replace(
             self,
-            select=_known_patterns("--select", select) or self.select,
-            ignore=_known_patterns("--ignore", ignore) or self.ignore,
+            select=known_patterns("--select", select) or self.select,
+            ignore=known_patterns("--ignore", ignore) or self.ignore,
             fail_on=self.fail_on if fail_on is None else fail_on,
             iterations=self.iterations if iterations is None else iterations,
             options=merged_options,
@@ -168,17 +168,7 @@ def _from_table(table: Any, path: Path) -> Config:
 def _rule_patterns(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ConfigError(f"{key} must be a list of rule codes, prefixes or names, got {value!r}")
-    return _known_patterns(key, value)
-
-
-def _known_patterns(key: str, patterns: Sequence[str]) -> tuple[str, ...]:
-    unknown = unknown_patterns(patterns)
-    if unknown:
-        raise ConfigError(
-            f"{key} {', '.join(map(repr, unknown))}: matches no rule (give codes such as GA203, prefixes such as GA2 "
-            "or names such as discarded-grad; `gradaudit rules` lists them)"
-        )
-    return tuple(patterns)
+    return known_patterns(key, value)
 
 
 def _severity(value: Any) -> Severity:

@@ -181,3 +181,15 @@ def test_the_python_api_rejects_a_misspelt_option_before_running():
 
     with pytest.raises(ConfigError, match="GA301"):
         gradaudit.audit(options={"GA301.max_amplificaton": 50})
+
+
+def test_the_library_rejects_a_rule_pattern_that_matches_no_rule():
+    import pytest
+
+    import gradaudit
+    from gradaudit.findings import ConfigError
+
+    with pytest.raises(ConfigError, match="'GA999': matches no rule"):
+        gradaudit.audit(select=["GA999"])
+    with pytest.raises(ConfigError, match="'dead-trem': matches no rule"):
+        gradaudit.audit(ignore=["dead-trem"])

@@ -11,7 +11,7 @@ from gradaudit.capture.graph import MAX_TERMS
 from gradaudit.capture.recorder import InstallError, Recorder, StopAudit
 from gradaudit.findings import Declarations, Finding
 from gradaudit.flowgraph import build_flow_graphs
-from gradaudit.rules import options_by_rule, run_rules
+from gradaudit.rules import known_patterns, options_by_rule, run_rules
 from gradaudit.trace import RAW_GRAPH_CAP, Trace
 
 __all__ = ["Audit", "InstallError", "StopAudit"]
@@ -47,8 +47,9 @@ class Audit:
         self.program, self.arguments = program, list(arguments)
         self.declarations = declarations
         """Contracts and baseline statistics for the declared rules (GA4xx, baseline regressions), made per trace."""
-        self.select, self.ignore, self.options = select, ignore, options or {}
-        options_by_rule(self.options)  # a misspelt threshold fails here, before the program runs
+        self.select, self.ignore = known_patterns("select", list(select)), known_patterns("ignore", list(ignore))
+        self.options = options or {}
+        options_by_rule(self.options)  # a misspelt rule or threshold fails here, before the program runs
         self.recorder = Recorder(
             iterations=iterations, term_grads=term_grads, window_cap=window_cap, max_terms=max_terms
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from gradaudit.findings import ConfigError, Declarations, Finding, Rule
 from gradaudit.rules import (
@@ -65,9 +65,16 @@ def _matches(rule: Rule, patterns: Collection[str]) -> bool:
     return any(rule.code.startswith(p.upper()) or rule.name == p.lower() for p in patterns)
 
 
-def unknown_patterns(patterns: Collection[str]) -> list[str]:
-    """The patterns that match no rule: a typo such as GA999 would otherwise select nothing and pass a CI gate."""
-    return [p for p in patterns if not p or not any(_matches(rule, (p,)) for rule in RULES)]
+def known_patterns(key: str, patterns: Sequence[str]) -> tuple[str, ...]:
+    """The patterns, each of which must match a rule: a typo such as GA999 would otherwise select nothing and pass
+    a CI gate. `key` names where they came from (--select, ignore, ...)."""
+    unknown = [p for p in patterns if not p or not any(_matches(rule, (p,)) for rule in RULES)]
+    if unknown:
+        raise ConfigError(
+            f"{key} {', '.join(map(repr, unknown))}: matches no rule (give codes such as GA203, prefixes such as GA2 "
+            "or names such as discarded-grad; `gradaudit rules` lists them)"
+        )
+    return tuple(patterns)
 
 
 def options_by_rule(options: Mapping[str, object]) -> dict[str, dict[str, float]]:
