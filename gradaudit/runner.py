@@ -4,6 +4,7 @@ records how it ended: returned, exited (`sys.exit`, `os._exit`), raised, was int
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib.util
 import os
 import pkgutil
@@ -11,7 +12,7 @@ import runpy
 import sys
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec, SourceFileLoader
 from pathlib import Path
@@ -158,6 +159,33 @@ def _seen_by(audit: Audit, outcome: Outcome) -> Outcome:
     return outcome
 
 
+DEEP_GRAPH_STACK = 120 << 20
+"""Bytes of C stack the program's main thread may grow to while it runs under `gradaudit run`."""
+
+
+@contextlib.contextmanager
+def _stack_for_deep_graphs() -> Iterator[None]:
+    """PyTorch frees a chain of graph nodes that have Python wrappers recursively on the C stack (about 190 bytes a
+    node), and the audit gives many nodes wrappers: a 150,000-op chain overflows the usual 8 MiB. The main thread's
+    stack grows on demand up to RLIMIT_STACK, read when it grows, so a larger soft limit while the program runs is
+    enough (threads started by then keep their size). Restored afterwards."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    wanted = DEEP_GRAPH_STACK if hard == resource.RLIM_INFINITY else min(DEEP_GRAPH_STACK, hard)
+    raise_it = soft != resource.RLIM_INFINITY and soft < wanted
+    if raise_it:
+        resource.setrlimit(resource.RLIMIT_STACK, (wanted, hard))
+    try:
+        yield
+    finally:
+        if raise_it:
+            resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
+
+
 def run_program(audit: Audit, target: str, args: list[str], as_module: bool, conclude: Conclude) -> Outcome:
     """Runs the program under `audit` and says how it ended. `conclude` reports an `os._exit` before it happens."""
     saved_argv, saved_path, saved_exit = sys.argv[:], sys.path[:], os._exit
@@ -168,7 +196,7 @@ def run_program(audit: Audit, target: str, args: list[str], as_module: bool, con
             sys.path.insert(0, os.getcwd())  # before the check, as `python -m` finds local packages
         check_target(target, as_module)
         os._exit = _hard_exit(audit, conclude)
-        with audit:
+        with _stack_for_deep_graphs(), audit:
             try:
                 if as_module:
                     runpy.run_module(target, run_name="__main__", alter_sys=True)
