@@ -162,6 +162,10 @@ def run(
     option: OptionOption = None,
     quiet: QuietOption = False,
     term_grads: Annotated[bool, typer.Option(help="measure each loss term's gradient per parameter group")] = True,
+    light: Annotated[
+        bool,
+        typer.Option("--light", help="lifecycle and reachability only: no op provenance, term gradients, numerics"),
+    ] = False,
     html_path: HtmlOption = None,
     raw_graph_cap: Annotated[
         int, typer.Option(min=0, help="with --html: largest autograd graph drawn node by node (0: none)")
@@ -207,6 +211,7 @@ def run(
     audit = Audit(
         iterations=config.iterations,
         term_grads=term_grads,
+        light=light,
         max_terms=MAX_TERMS if max_terms is None else max_terms,
         select=config.select,
         ignore=config.ignore,

@@ -376,6 +376,8 @@ class Trace:
     torch_version: str = ""
     flow_graphs: list[FlowGraph] = field(default_factory=list)
     raw_graphs: list[RawGraph] = field(default_factory=list)
+    light: bool = False
+    """Audited in light mode: no op provenance, per-term gradients, chains or numerics were recorded."""
 
     def parameter(self, name: str) -> Parameter:
         return self._parameters_by_name()[name]

@@ -27,6 +27,8 @@ class Audit:
     `raw_graph` keeps the autograd graph of the first backward at each location for the HTML report (graphs of
     more than `raw_graph_cap` nodes as their node count only).
     `max_terms` caps the loss terms reported per backward root; the addends beyond it are merged into one term.
+    `light` keeps lifecycle, membership and reachability and skips op provenance, per-term gradients, chains and
+    numerics (`Recorder.light`).
     """
 
     def __init__(
@@ -42,12 +44,13 @@ class Audit:
         raw_graph: bool = False,
         raw_graph_cap: int = RAW_GRAPH_CAP,
         max_terms: int = MAX_TERMS,
+        light: bool = False,
     ) -> None:
         self.program, self.arguments = program, list(arguments)
         self.select, self.ignore, self.options = select, ignore, options or {}
         options_by_rule(self.options)  # a misspelt threshold fails here, before the program runs
         self.recorder = Recorder(
-            iterations=iterations, term_grads=term_grads, window_cap=window_cap, max_terms=max_terms
+            iterations=iterations, term_grads=term_grads, window_cap=window_cap, max_terms=max_terms, light=light
         )
         self.recorder.raw_graphs.cap = raw_graph_cap if raw_graph else 0
         self.trace: Trace | None = None

@@ -196,6 +196,7 @@ def decompose(
     root_name: str,
     user_name_for: Callable[[Any], str | None],
     expandable: Callable[[Any], bool],
+    split_unrecorded: bool = False,
 ) -> list[RawTerm]:
     """Splits the root through +, -, negation and constant scaling into its addends (user-named tensors stay whole),
     in the order they are written.
@@ -203,7 +204,9 @@ def decompose(
     The split is linear: an edge reached along several paths is one addend whose scale is the sum of the paths'
     (`x = x + x` sixteen times is one addend of scale 65,536). Nodes are expanded newest first (autograd sequence
     numbers: a sum is always newer than its operands), so each exactly once. Only nodes the walk visited
-    (`expandable`) are expanded.
+    (`expandable`) are expanded. `split_unrecorded` (light mode, no op provenance) splits sums that provenance did
+    not record by the graph alone: operands are named by position, and constant operands, which the graph cannot
+    tell from a literal `+ 1e-8`, are left out.
     """
     root_key = (id(root), root_nr)
     pending: dict[Edge, RawTerm] = {root_key: RawTerm(root_name, 1.0, root, root_nr)}
@@ -225,7 +228,7 @@ def decompose(
     while queue:
         _, _, key = heapq.heappop(queue)
         term = pending.pop(key)
-        operands = _expand(term, record_for, user_name_for, expandable)
+        operands = _expand(term, record_for, user_name_for, expandable, split_unrecorded)
         if operands is None:
             if key in addend_at:  # reached again after it was settled (sequence numbers out of order): still linear
                 addend_at[key].scale += term.scale
@@ -244,6 +247,7 @@ def _expand(
     record_for: Callable[[Any], OpRecord | None],
     user_name_for: Callable[[Any], str | None],
     expandable: Callable[[Any], bool],
+    split_unrecorded: bool = False,
 ) -> list[RawTerm] | None:
     """The operands a sum or a constant scaling of a sum splits into (scaled); None: the term is an addend."""
     node, scale = term.node, term.scale
@@ -251,6 +255,8 @@ def _expand(
     record = record_for(node)
     user_name = user_name_for(node)
     term.producer = record
+    if user_name is None and expandable(node) and record is None and split_unrecorded and kind in _SUMS:
+        return _split_by_graph(term, node, kind)
     if user_name is not None or not expandable(node) or record is None:
         term.name = user_name or term.name
         return None
@@ -264,8 +270,12 @@ def _expand(
         ]
         operands = []
         for index, child, child_nr in inputs:
-            indexed = term.name if len(inputs) == 1 else f"{term.name}[{index}]"  # `0 + x` (sum()'s start) splits nothing
-            label = record.constant_names.get(index) or (texts[index] if index < len(texts) and texts[index] else indexed)
+            indexed = (
+                term.name if len(inputs) == 1 else f"{term.name}[{index}]"
+            )  # `0 + x` (sum()'s start) splits nothing
+            label = record.constant_names.get(index) or (
+                texts[index] if index < len(texts) and texts[index] else indexed
+            )
             operands.append(RawTerm(label, scale * signs[index], child, child_nr, record, index))
         return operands
     if kind in _SCALINGS:
@@ -276,6 +286,16 @@ def _expand(
             if record_for(child) is not None and type(child).__name__ in _SUMS and expandable(child):
                 return [RawTerm(term.name, scale * factor, child, child_nr, term.added_by, term.operand_index)]
     return None
+
+
+def _split_by_graph(term: RawTerm, node: Any, kind: str) -> list[RawTerm]:
+    """A sum's operands that carry a graph, named by position (`loss[0]`), without provenance."""
+    signs = (1.0, -1.0 if kind == "SubBackward0" else 1.0)
+    inputs = [(index, child, nr) for index, (child, nr) in enumerate(node.next_functions) if child is not None]
+    if len(inputs) == 1:
+        index, child, nr = inputs[0]
+        return [RawTerm(term.name, term.scale * signs[index], child, nr, term.added_by, term.operand_index)]
+    return [RawTerm(f"{term.name}[{index}]", term.scale * signs[index], child, nr) for index, child, nr in inputs]
 
 
 def _in_written_order(

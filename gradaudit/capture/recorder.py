@@ -289,11 +289,19 @@ class Recorder:
     """
 
     def __init__(
-        self, iterations: int | None = None, term_grads: bool = True, window_cap: int = 20, max_terms: int = MAX_TERMS
+        self,
+        iterations: int | None = None,
+        term_grads: bool = True,
+        window_cap: int = 20,
+        max_terms: int = MAX_TERMS,
+        light: bool = False,
     ) -> None:
         self.iterations_wanted = iterations
         """None: the window is the `with` block (API mode), which may use optimizers created before it."""
-        self.term_grads = term_grads
+        self.light = light
+        """Lifecycle, membership and reachability only: no op provenance (the mode is never entered), no per-term
+        gradients, no chain hooks, no numerics. Loss terms are split by the graph alone."""
+        self.term_grads = term_grads and not light
         self.max_terms = max_terms
         self.window_cap = window_cap
         self.mode = ProvenanceMode()
@@ -376,8 +384,9 @@ class Recorder:
         self._undo.append(_hide_compiled_module_warning())
         if self.iterations_wanted is None:
             self._adopt_live_optimizers()
-        self.mode.__enter__()
-        self._mode_on_stack = True
+        if not self.light:
+            self.mode.__enter__()
+            self._mode_on_stack = True
 
     def _adopt_live_optimizers(self) -> None:
         """API mode: optimizers created before the `with` block are known from the start (a half-constructed one,
@@ -531,7 +540,8 @@ class Recorder:
 
     @_guarded
     def _enter_module(self, module: nn.Module, args: tuple) -> None:
-        self.chain_tracker.enter(module)
+        if not self.light:
+            self.chain_tracker.enter(module)
         if self._depth == 1:
             self._note_module_inputs(module, args)
 
@@ -556,7 +566,8 @@ class Recorder:
 
     @_guarded
     def _leave_module(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.chain_tracker.leave(args, output)
+        if not self.light:
+            self.chain_tracker.leave(args, output)
         if module._backward_hooks or nn.modules.module._global_backward_hooks:
             with self.mode.quiet():
                 for tensor in _output_tensors(output):
@@ -939,7 +950,7 @@ class Recorder:
             )
             self._note_regression_targets(view)
             self._note_numerics(view, index, finite)
-            handles, record_chains = self.chain_tracker.prepare(view, index)
+            handles, record_chains = ([], None) if self.light else self.chain_tracker.prepare(view, index)
         if not accumulates:
             return handles, [], record_chains
         contributions: list[tuple[_Param, list]] = []
@@ -997,7 +1008,15 @@ class Recorder:
         name = _root_name(frame)
         if root.grad_fn is None:
             return [RawTerm(name, 1.0, None, 0, None, 0, None)]
-        return decompose(root.grad_fn, root.output_nr, self.mode.record_for, name, self._user_term_name, view.expanded)
+        return decompose(
+            root.grad_fn,
+            root.output_nr,
+            self.mode.record_for,
+            name,
+            self._user_term_name,
+            view.expanded,
+            split_unrecorded=self.light,
+        )
 
     def _user_term_name(self, node: Any) -> str | None:
         entry = self.user_term_names.get(id(node))
@@ -1236,6 +1255,7 @@ class Recorder:
                 for c, backward in self.nonfinite_origins
             ],
             raw_graphs=self.raw_graphs.graphs(names),
+            light=self.light,
         )
 
     def _module_label(self, module: nn.Module, names: dict[int, str]) -> str:

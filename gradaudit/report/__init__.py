@@ -25,6 +25,7 @@ Schema (version 2):
   max_output, overflow}
 - `iterations`, `window` {iterations, stopped_by, note}, `program`, `optimizers`
 - `internal_errors`: errors inside gradaudit's own hooks (each skipped one measurement): non-zero, the audit is partial
+- `light`: audited in light mode (no op provenance, term gradients, chains or numerics)
 
 Non-finite numbers are written as the strings "inf", "-inf" and "nan", so the JSON stays strictly valid.
 """
@@ -185,6 +186,7 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
         "version": REPORT_VERSION,
         "program": trace.program,
         "internal_errors": trace.window.internal_errors,
+        "light": trace.light,
         "iterations": trace.window.iterations,
         "window": {
             "iterations": trace.window.iterations,

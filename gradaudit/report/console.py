@@ -264,6 +264,10 @@ def render(report: dict[str, Any], stream: TextIO, width: int | None = None) -> 
             _text(f" — {window['note']}" if window["note"] else ""),
         )
     )
+    if report.get("light"):
+        console.print(
+            Text("light mode: lifecycle and reachability only (no op provenance, term gradients, chains, numerics)")
+        )
     internal_errors = report["internal_errors"]
     if internal_errors:
         console.print(
