@@ -382,15 +382,19 @@ class Recorder:
         ):
             self._undo.append(register(hook, **options).remove)
         self._undo.append(_hide_compiled_module_warning())
-        if self.iterations_wanted is None:
-            self._adopt_live_optimizers()
         if not self.light:
             self.mode.__enter__()
             self._mode_on_stack = True
 
+    @_guarded
     def _adopt_live_optimizers(self) -> None:
-        """API mode: optimizers created before the `with` block are known from the start (a half-constructed one,
-        kept alive by a traceback, has no parameter groups yet and is left out)."""
+        """API mode: optimizers created before the `with` block are found at the end, and only when a parameter
+        that received gradient is in no optimizer seen (those that zero_grad or step during the block are seen
+        then): scanning the heap costs tens of milliseconds. A half-constructed optimizer, kept alive by a
+        traceback, has no parameter groups yet and is left out."""
+        received = {event.param for event in self.events if event.kind == "accumulate"}
+        if self.iterations_wanted is not None or all(self.params[pid].owners for pid in received):
+            return
         for obj in gc.get_objects():
             if not issubclass(type(obj), torch.optim.Optimizer):  # type(): no __getattr__ on lazy proxies
                 continue
@@ -1141,6 +1145,7 @@ class Recorder:
     # ---------------------------------------------------------------- the Trace
 
     def build_trace(self, program: str, stopped_by: str | None = None, note: str = "") -> Trace:
+        self._adopt_live_optimizers()
         names = self._final_names()
         groups = {pid: self.params[pid].group or self.params[pid].creation_group or names[pid] for pid in names}
 
