@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds per mode (default 3; 1 with --quick)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--only", action="append", default=[], help="run the workloads whose name contains this")
+    parser.add_argument("--skip", action="append", default=[], help="leave out the workloads whose name contains this")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if any(os.environ.get(name) != value for name, value in _ENVIRONMENT.items()):
@@ -255,7 +256,11 @@ def main() -> None:
     torch.set_flush_denormal(True)
     rounds = args.rounds or (1 if args.quick else 3)
     modes = list(MODES)
-    chosen = [w for w in workloads_table(args.quick) if not args.only or any(o in w.name for o in args.only)]
+    chosen = [
+        w
+        for w in workloads_table(args.quick)
+        if (not args.only or any(o in w.name for o in args.only)) and not any(s in w.name for s in args.skip)
+    ]
     installed, exited = install_ms(3 if args.quick else 20)
     print(f"install {installed:.1f} ms, uninstall + empty report {exited:.1f} ms (target: install <= 10 ms)")
     if torchviz is None:

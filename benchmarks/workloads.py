@@ -136,13 +136,13 @@ def make_lstm(steps: int = 200, inputs: int = 8, hidden: int = 32, batch: int = 
     return step
 
 
-def make_wide_graph(nodes: int) -> Step:
-    """A graph about `nodes` autograd nodes wide and a few deep: every element of a parameter scaled on its own."""
-    weight = nn.Parameter(torch.randn(max(nodes, 1)))
-    optimizer = torch.optim.SGD([weight], lr=1e-3)
+def make_wide_graph(nodes: int, tensors: int = 10) -> Step:
+    """A graph `nodes` autograd nodes wide and three deep: each node scales one of a few scalar parameters."""
+    params = [nn.Parameter(torch.ones(())) for _ in range(tensors)]
+    optimizer = torch.optim.SGD(params, lr=1e-3)
 
     def step() -> None:
-        loss = torch.stack([w * 2.0 for w in weight.unbind()]).sum()
+        loss = torch.stack([params[i % tensors] * 2.0 for i in range(nodes)]).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -166,6 +166,9 @@ def run(
         bool,
         typer.Option("--light", help="lifecycle and reachability only: no op provenance, term gradients, numerics"),
     ] = False,
+    max_nodes: Annotated[
+        int | None, typer.Option("--max-nodes", min=1, help="autograd nodes walked per backward (default 2,000,000)")
+    ] = None,
     html_path: HtmlOption = None,
     raw_graph_cap: Annotated[
         int, typer.Option(min=0, help="with --html: largest autograd graph drawn node by node (0: none)")
@@ -212,6 +215,7 @@ def run(
         iterations=config.iterations,
         term_grads=term_grads,
         light=light,
+        **({} if max_nodes is None else {"max_nodes": max_nodes}),
         max_terms=MAX_TERMS if max_terms is None else max_terms,
         select=config.select,
         ignore=config.ignore,

@@ -1,6 +1,11 @@
 """Light mode (`gradaudit run --light`): lifecycle, membership and reachability findings as in the full audit."""
 
 import pytest
+import torch
+from torch import nn
+
+import gradaudit
+from gradaudit.report import build_report
 
 LIFECYCLE = ("GA201", "GA202", "GA203", "GA204", "GA205", "GA305")
 """What light mode keeps: the lifecycle and membership rules, and non-finite losses and gradients (GA305's loss
@@ -57,3 +62,19 @@ def test_light_mode_splits_the_loss_by_the_graph(gradaudit_cli):
     result = gradaudit_cli("run", "unused_head.py", "--light")
     reached = {group["group"]: group["reached_by"] for group in result.report["groups"]}
     assert reached == {"policy": ["loss[0]"], "value_head": ["loss[1]"]}
+
+
+def test_a_wide_graph_beyond_the_node_limit_is_audited_and_said_to_be_cut():
+    """`--max-nodes` bounds the walk of a wide graph; the report says the walk stopped, lifecycle rules still hold."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.ones(())) for _ in range(10)]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    with gradaudit.audit(light=True, max_nodes=1_000) as audit:
+        loss = torch.stack([params[i % 10] * 2.0 for i in range(5_000)]).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    (backward,) = audit.trace.backwards
+    assert backward.walk_truncated and audit.trace.window.internal_errors == 0
+    assert audit.findings == []  # every parameter received gradient, read during the real backward
+    assert any("larger than gradaudit walks" in note for note in build_report(audit.trace, audit.findings)["notes"])

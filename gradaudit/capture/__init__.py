@@ -7,7 +7,7 @@ from types import TracebackType
 
 import torch
 
-from gradaudit.capture.graph import MAX_TERMS
+from gradaudit.capture.graph import MAX_TERMS, MAX_WALK_NODES
 from gradaudit.capture.recorder import InstallError, Recorder, StopAudit
 from gradaudit.findings import Finding
 from gradaudit.flowgraph import build_flow_graphs
@@ -29,6 +29,7 @@ class Audit:
     `max_terms` caps the loss terms reported per backward root; the addends beyond it are merged into one term.
     `light` keeps lifecycle, membership and reachability and skips op provenance, per-term gradients, chains and
     numerics (`Recorder.light`).
+    `max_nodes` caps the autograd nodes walked per backward (beyond it the graph is unknown, and the report says so).
     """
 
     def __init__(
@@ -45,12 +46,18 @@ class Audit:
         raw_graph_cap: int = RAW_GRAPH_CAP,
         max_terms: int = MAX_TERMS,
         light: bool = False,
+        max_nodes: int = MAX_WALK_NODES,
     ) -> None:
         self.program, self.arguments = program, list(arguments)
         self.select, self.ignore, self.options = select, ignore, options or {}
         options_by_rule(self.options)  # a misspelt threshold fails here, before the program runs
         self.recorder = Recorder(
-            iterations=iterations, term_grads=term_grads, window_cap=window_cap, max_terms=max_terms, light=light
+            iterations=iterations,
+            term_grads=term_grads,
+            window_cap=window_cap,
+            max_terms=max_terms,
+            light=light,
+            max_nodes=max_nodes,
         )
         self.recorder.raw_graphs.cap = raw_graph_cap if raw_graph else 0
         self.trace: Trace | None = None

@@ -3,8 +3,9 @@ backward passes through them, and the root's top-level terms.
 
 Limits. Every node the walk touches gets a Python wrapper that lives as long as the node, and PyTorch frees a chain
 of wrapped nodes recursively on the C stack (about 170 bytes a node: a chain of 50,000 overflows an 8 MB stack).
-The walk therefore stops MAX_WALK_DEPTH nodes below the root and after MAX_WALK_NODES nodes; what lies beyond is
-"unknown" (its reach, and whether it runs user code), and the Backward says the walk was truncated.
+The walk therefore stops MAX_WALK_DEPTH nodes below the root, and after `max_nodes` nodes (MAX_WALK_NODES by
+default: a wide graph of that size is walked in seconds and its wrappers take a few hundred MB); what lies beyond
+is "unknown" (its reach, and whether it runs user code), and the Backward says the walk was truncated.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from gradaudit.trace import Location
 
 MAX_WALK_DEPTH = 16_384
 """Nodes farther than this below the root are not walked (their subgraph is unknown)."""
-MAX_WALK_NODES = 200_000
-"""At most this many nodes are walked per backward."""
+MAX_WALK_NODES = 2_000_000
+"""At most this many nodes are walked per backward, by default (`--max-nodes`, `audit(max_nodes=N)`)."""
 MAX_TERMS = 64
 """Default cap on the terms reported per backward root; the addends beyond it are merged into one term."""
 
@@ -100,6 +101,7 @@ def walk(
     roots: Iterable[Any],
     is_parameter: Callable[[torch.Tensor], bool],
     user_code_of: Callable[[Any], str | None],
+    max_nodes: int = MAX_WALK_NODES,
 ) -> GraphView:
     """Post-order walk with an explicit stack (deep unrolled graphs overflow recursion).
 
@@ -107,40 +109,39 @@ def walk(
     hooks); Python-defined nodes and hooks on parameters are found here.
     """
     view = GraphView()
+    nodes = view.nodes
     bit_of: dict[int, int] = {}
-    stack = [(node, False, 1) for node in roots if node is not None]
+    stack: list[tuple[Any, list[int] | None, int]] = [(node, None, 1) for node in roots if node is not None]
     while stack:
-        node, children_done, depth = stack.pop()
+        node, child_keys, depth = stack.pop()
+        if child_keys is not None:
+            _finish(view, node, child_keys, bit_of, is_parameter, user_code_of)
+            continue
         key = id(node)
-        if children_done:
-            _finish(view, node, bit_of, is_parameter, user_code_of)
+        if key in nodes:
             continue
-        if key in view.nodes:
-            continue
-        view.nodes[key] = node
-        if depth > MAX_WALK_DEPTH or len(view.nodes) > MAX_WALK_NODES:
+        nodes[key] = node
+        if depth > MAX_WALK_DEPTH or len(nodes) > max_nodes:
             view.frontier.add(key)
             view.reach[key] = 0
             view.user_code[key] = _TOO_DEEP
             view.reach_unknown.add(key)
             continue
-        stack.append((node, True, depth))
-        stack.extend(
-            (child, False, depth + 1)
-            for child, _ in node.next_functions
-            if child is not None and id(child) not in view.nodes
-        )
+        children = [child for child, _ in node.next_functions if child is not None]  # read once: each read wraps
+        stack.append((node, [id(child) for child in children], depth))
+        stack.extend((child, None, depth + 1) for child in children if id(child) not in nodes)
     return view
 
 
 def _finish(
     view: GraphView,
     node: Any,
+    child_keys: list[int],
     bit_of: dict[int, int],
     is_parameter: Callable[[torch.Tensor], bool],
     user_code_of: Callable[[Any], str | None],
 ) -> None:
-    """A node whose children are done: its reach, and what user code a backward below it runs."""
+    """A node whose children (their ids) are done: its reach, and what user code a backward below it runs."""
     key = id(node)
     mask = 0
     code = user_code_of(node)
@@ -149,13 +150,12 @@ def _finish(
     if python is not None:
         code = code or python[0]
         unknown = python[1]
-    for child, _ in node.next_functions:
-        if child is not None:
-            child_key = id(child)
-            mask |= view.reach.get(child_key, 0)
-            code = code or view.user_code.get(child_key)
-            unknown = unknown or child_key in view.reach_unknown
-    variable = getattr(node, "variable", None)
+    reach, user_code, reach_unknown = view.reach, view.user_code, view.reach_unknown
+    for child_key in child_keys:
+        mask |= reach.get(child_key, 0)
+        code = code or user_code.get(child_key)
+        unknown = unknown or child_key in reach_unknown
+    variable = getattr(node, "variable", None) if type(node).__name__ == "AccumulateGrad" else None
     if isinstance(variable, torch.Tensor) and is_parameter(variable):
         pid = id(variable)
         if pid not in bit_of:

@@ -29,7 +29,16 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.weak import WeakIdKeyDictionary
 
 from gradaudit.capture.chains import ChainTracker
-from gradaudit.capture.graph import MAX_TERMS, GraphView, RawTerm, TermGroup, decompose, group_terms, walk
+from gradaudit.capture.graph import (
+    MAX_TERMS,
+    MAX_WALK_NODES,
+    GraphView,
+    RawTerm,
+    TermGroup,
+    decompose,
+    group_terms,
+    walk,
+)
 from gradaudit.capture.magnitude import all_finite, all_zero, norm, same_values, squared_norm
 from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
 from gradaudit.capture.numerics import ClampStats
@@ -295,8 +304,10 @@ class Recorder:
         window_cap: int = 20,
         max_terms: int = MAX_TERMS,
         light: bool = False,
+        max_nodes: int = MAX_WALK_NODES,
     ) -> None:
         self.iterations_wanted = iterations
+        self.max_nodes = max_nodes
         """None: the window is the `with` block (API mode), which may use optimizers created before it."""
         self.light = light
         """Lifecycle, membership and reachability only: no op provenance (the mode is never entered), no per-term
@@ -928,7 +939,7 @@ class Recorder:
         with self.mode.quiet():
             self._checkpoint(location)
             nodes = [r.grad_fn for r in roots]
-            view = walk(nodes, self._is_parameter, self.mode.user_code_for)
+            view = walk(nodes, self._is_parameter, self.mode.user_code_for, self.max_nodes)
             self.raw_graphs.capture(location, view)
             for pid in view.param_ids:
                 self._param(view.leaves[pid][1])
