@@ -166,6 +166,10 @@ def run(
         bool,
         typer.Option("--light", help="lifecycle and reachability only: no op provenance, term gradients, numerics"),
     ] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="run to the end: audit the window, then one iteration in every --every")
+    ] = False,
+    every: Annotated[int, typer.Option("--every", min=1, help="with --watch: iterations per light sample")] = 20,
     max_nodes: Annotated[
         int | None, typer.Option("--max-nodes", min=1, help="autograd nodes walked per backward (default 2,000,000)")
     ] = None,
@@ -215,6 +219,7 @@ def run(
         iterations=config.iterations,
         term_grads=term_grads,
         light=light,
+        watch_every=every if watch else None,
         **({} if max_nodes is None else {"max_nodes": max_nodes}),
         max_terms=MAX_TERMS if max_terms is None else max_terms,
         select=config.select,
@@ -246,20 +251,20 @@ def report_outcome(audit: Audit, outcome: Outcome, outputs: Outputs) -> int:
         sys.stderr.write(outcome.exit_message + "\n")  # as Python prints sys.exit("message")
     if outcome.traceback:
         sys.stderr.write(outcome.traceback)
-    if outcome.stopped_by == "interrupted" and not recorder.backwards:
+    if outcome.stopped_by == "interrupted" and not audit.saw_backward:
         warn("the program was interrupted (KeyboardInterrupt) before any backward call: nothing to audit")
         return outcome.status
-    if outcome.stopped_by == "exception" and recorder.iterations == 0:
+    if outcome.stopped_by == "exception" and recorder.iterations + recorder.iterations_before_sample == 0:
         fail(f"the program {outcome.ending} before completing a training iteration (0 iterations audited)")
-    if not recorder.backwards and outcome.status:
+    if not audit.saw_backward and outcome.status:
         fail(f"the program exited with status {outcome.status} before any backward call: nothing to audit")
-    if not recorder.backwards:
+    if not audit.saw_backward:
         seen = ", ".join(
             f"{type(o.optimizer).__name__} '{recorder._label(o)}'" + (f" ({o.created_at})" if o.created_at else "")
             for o in recorder.optimizers.values()
         )
         fail(f"no backward call seen: nothing to audit (optimizers seen: {seen or 'none'})")
-    note = how_it_ended(outcome, recorder.iterations)
+    note = how_it_ended(outcome, recorder.iterations + recorder.iterations_before_sample)
     if outcome.status or outcome.ending or outcome.stop_swallowed:
         warn(note)
     audit.finish(outcome.stopped_by, note)

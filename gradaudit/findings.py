@@ -29,8 +29,12 @@ class Finding:
     message: str
     location: Location | None
     hint: str
+    first_iteration: int | None = None
+    """Watching: the iteration where it first appeared, and in how many samples it did."""
+    occurrences: int = 0
 
     def to_dict(self) -> dict:
+        watched = {"first_iteration": self.first_iteration, "occurrences": self.occurrences}
         return {
             "rule": self.rule,
             "name": self.name,
@@ -39,6 +43,7 @@ class Finding:
             "message": self.message,
             "location": None if self.location is None else {"file": self.location.file, "line": self.location.line},
             "hint": self.hint,
+            **(watched if self.first_iteration is not None else {}),
         }
 
 

@@ -73,6 +73,8 @@ from gradaudit.trace import (
 _MAX_MODULE_INPUTS = 20_000
 _COMPILED_MODULE_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks on modules"
 _BACKWARDS_WITHOUT_STEP = 20
+_NORM_JUMP = 100.0
+"""Watching: a group whose gradient norm grew by more than this since the last sample gets a full audit next."""
 
 
 class StopAudit(BaseException):
@@ -242,6 +244,17 @@ def _names_are_final(frame: FrameType) -> bool:
     return package_path(frame.f_code.co_filename) is None and not isinstance(frame.f_locals.get("self"), nn.Module)
 
 
+def group_norms(trace: Trace) -> dict[str, float]:
+    """Each group's gradient norm over a sample: the root of the summed squares of every accumulation's norm."""
+    groups = {p.name: p.group for p in trace.parameters}
+    totals: dict[str, float] = {}
+    for event in trace.events:
+        if event.kind == "accumulate" and event.norm is not None:
+            group = groups[event.param]
+            totals[group] = totals.get(group, 0.0) + event.norm**2
+    return {group: math.sqrt(total) for group, total in totals.items()}
+
+
 def _class_name(obj: object) -> str:
     """What names an object nothing in the program names: its class (`ActorCriticPolicy`)."""
     return type(obj).__name__
@@ -305,9 +318,26 @@ class Recorder:
         max_terms: int = MAX_TERMS,
         light: bool = False,
         max_nodes: int = MAX_WALK_NODES,
+        watch_every: int | None = None,
     ) -> None:
         self.iterations_wanted = iterations
         self.max_nodes = max_nodes
+        self.watch_every = watch_every
+        """Whole-run watching (CLI mode): the window is audited in full, then one iteration in `watch_every` in light
+        mode, and the iteration after a non-finite loss or gradient, or a gradient-norm jump, in full. Each audited
+        stretch (a sample) ends in a Trace handed to `on_sample`; the program is never stopped."""
+        self.on_sample: Callable[[Trace, int], None] | None = None
+        """Called with each sample's Trace and the number (from 1) of its first iteration."""
+        self.iterations_before_sample = 0
+        self.first_nonfinite_loss: int | None = None
+        """The first iteration whose loss was non-finite, seen by the check every backward gets while idle."""
+        self._idle = False
+        self._next_full = False
+        self._last_group_norms: dict[str, float] = {}
+        self._was_nonfinite = False
+        self._last_stepper: int | None = None
+        self._pace: int | None = None
+        """Watching: the optimizer whose step ended the last sample; its steps count the idle iterations."""
         """None: the window is the `with` block (API mode), which may use optimizers created before it."""
         self.light = light
         """Lifecycle, membership and reachability only: no op provenance (the mode is never entered), no per-term
@@ -449,14 +479,14 @@ class Recorder:
         return self._installed and threading.get_ident() != self._thread and os.getpid() == self._pid
 
     def _recording(self) -> bool:
-        return self._audited_thread() and self._stop is None
+        return self._audited_thread() and self._stop is None and not self._idle
 
     def _admit(self, inside_step: bool = False) -> bool:
         """Whether this entry into a hook is to be recorded. Raises StopAudit once the window is complete, and once
         only: at the next entry the program has either let it go by (still unwinding: a `finally`, an `__exit__`)
         or swallowed it, and then it is uninstalled (from a step's hook, whose hook table is being iterated, that is
         left to the next forward, backward or zero_grad, or to the end of the audit)."""
-        if not self._audited_thread():
+        if not self._audited_thread() or self._idle:
             return False
         if self._stop is not None:
             if not self.stop_swallowed and not self._stop_unwinding():
@@ -743,6 +773,9 @@ class Recorder:
 
     @_guarded
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._idle and self._audited_thread():
+            self._idle_step(optimizer)
+            return
         if not self._recording():
             return
         try:
@@ -754,6 +787,7 @@ class Recorder:
     def _note_step(self, optimizer: torch.optim.Optimizer) -> None:
         record = self._optimizer(optimizer, user_frame())
         record.steps += 1
+        self._last_stepper = record.index
         self._step_started.pop(record.index, None)
         location = here()
         for param in self._owned(record):
@@ -797,10 +831,19 @@ class Recorder:
 
     @_guarded
     def _update_window(self) -> None:
-        """Decides whether the window is complete (see the class docstring); the stop comes at the next entry."""
+        """Decides whether the window is complete (see the class docstring); the stop comes at the next entry.
+        Watching, a sample after the first window is one iteration, and a complete one is closed, not stopped."""
         wanted = self.iterations_wanted
-        if wanted is None or self._window_done:
+        if wanted is None or self._window_done or self._idle:
             return
+        if self.watch_every is not None and self.iterations_before_sample and self.iterations >= 1:
+            self._close_sample()
+            return
+        self._decide_window(wanted)
+        if self.watch_every is not None and self._window_done:
+            self._close_sample()
+
+    def _decide_window(self, wanted: int) -> None:
         if not self.optimizers:
             if len(self.backwards) >= _BACKWARDS_WITHOUT_STEP:
                 self._window_done, self.stopped_by = True, "iterations"
@@ -813,6 +856,76 @@ class Recorder:
             self._window_done, self.stopped_by = True, "cap"
         elif len(self.backwards) - self._backwards_at_last_step >= self.window_cap * per_step:
             self._window_done, self.stopped_by = True, "cap"
+
+    # ---------------------------------------------------------------- whole-run watching
+
+    def _close_sample(self) -> None:
+        """Hands the sample's Trace over, decides whether the next sample is a full audit, and goes idle."""
+        trace = self.build_trace("")
+        norms = group_norms(trace)
+        jumped = any(
+            norm > _NORM_JUMP * self._last_group_norms[group]
+            for group, norm in norms.items()
+            if self._last_group_norms.get(group)
+        )
+        nonfinite = any(not b.loss_finite for b in trace.backwards) or any(
+            e.kind == "accumulate" and not e.finite for e in trace.events
+        )
+        self._next_full = jumped or (nonfinite and not self._was_nonfinite)  # a NaN that stays: light samples on
+        self._was_nonfinite = nonfinite
+        self._pace = self._last_stepper
+        self._last_group_norms = norms or self._last_group_norms
+        if self.on_sample is not None:
+            self.on_sample(trace, self.iterations_before_sample + 1)
+        self.iterations_before_sample += max(self.iterations, 1)
+        self._reset_sample()
+        if self._next_full:
+            self._start_sample()
+        else:
+            self._idle = True
+            self.mode.paused = self._paused_before_step = True
+
+    def _reset_sample(self) -> None:
+        """Forgets what the closed sample recorded; names, modules and optimizers stay known."""
+        self.events, self.backwards, self.measured, self.nonfinite_origins = [], [], [], []
+        self.regression_targets = []
+        self.chain_tracker.chains.clear()
+        self.module_inputs.clear()
+        self.iterations = self._backwards_at_last_step = self._depth = 0
+        self._window_done, self.stopped_by = False, "context-exit"  # a watched program is never stopped
+        self._step_started.clear()
+        self._stepped_this_iteration = set()
+        for param in self.params.values():
+            param.pending, param.snapshot = False, None
+        for record in self.optimizers.values():
+            record.steps = 0
+
+    def _idle_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Counts idle iterations by the steps of the optimizer whose step ended the last sample (an iteration
+        boundary); after one, starts the next sample (light, or full after a warning sign) when it is due."""
+        record = self._lookup_optimizer(optimizer)
+        if record is None or record.index != self._pace:
+            return
+        self.iterations_before_sample += 1
+        if self._next_full or self.iterations_before_sample % self.watch_every == 0:
+            self._start_sample()
+
+    def _start_sample(self) -> None:
+        """The next iteration is audited: in full after a warning sign (when provenance is installed), else light."""
+        self.light = not (self._next_full and self._mode_on_stack)
+        self.term_grads = not self.light
+        self.mode.paused = self._paused_before_step = self.light
+        self._idle = self._next_full = False
+
+    def _check_idle_loss(self, roots: Any) -> None:
+        """While idle, every backward's loss is still checked for NaN/Inf (a full audit follows at once)."""
+        given = [roots] if isinstance(roots, torch.Tensor) else list(roots)
+        with torch.no_grad():
+            finite = all(bool(torch.isfinite(r.detach()).all()) for r in given if isinstance(r, torch.Tensor))
+        if not finite:
+            self._next_full = not self._was_nonfinite
+            if self.first_nonfinite_loss is None:
+                self.first_nonfinite_loss = self.iterations_before_sample + 1
 
     # ---------------------------------------------------------------- provenance inside optimizers
 
@@ -907,6 +1020,8 @@ class Recorder:
             if recorder._in_backward or not recorder._admit():
                 if recorder._foreign_thread():
                     recorder.foreign_backwards += 1
+                elif recorder._idle and recorder._audited_thread() and not recorder._in_backward:
+                    recorder._guarded_idle_check(signature, roots_argument, args, kwargs)
                 return original(*args, **kwargs)
             try:
                 roots = signature.bind(*args, **kwargs).arguments[roots_argument]
@@ -927,6 +1042,10 @@ class Recorder:
             return result
 
         return backward
+
+    @_guarded
+    def _guarded_idle_check(self, signature: inspect.Signature, roots_argument: str, args: tuple, kwargs: dict) -> None:
+        self._check_idle_loss(signature.bind(*args, **kwargs).arguments[roots_argument])
 
     @_guarded
     def _before_backward(self, tensors: Any, accumulates: bool) -> tuple[list, list, Any] | None:
