@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gradaudit.config import Config, ConfigError, load_config, parse_option
+from gradaudit.distributed import current_ranks, merged, share
 from gradaudit.findings import Finding, Severity
 from gradaudit.report import build_report, json_report
 from gradaudit.report import console as console_report
@@ -254,7 +255,12 @@ def report_outcome(audit: Audit, outcome: Outcome, outputs: Outputs) -> int:
     if outcome.stopped_by == "interrupted" and not audit.saw_backward:
         warn("the program was interrupted (KeyboardInterrupt) before any backward call: nothing to audit")
         return outcome.status
-    if outcome.stopped_by == "exception" and recorder.iterations + recorder.iterations_before_sample == 0:
+    stepped = any(o.steps for o in recorder.optimizers.values())
+    if (
+        outcome.stopped_by == "exception"
+        and recorder.iterations + recorder.iterations_before_sample == 0
+        and not stepped
+    ):
         fail(f"the program {outcome.ending} before completing a training iteration (0 iterations audited)")
     if not audit.saw_backward and outcome.status:
         fail(f"the program exited with status {outcome.status} before any backward call: nothing to audit")
@@ -269,7 +275,18 @@ def report_outcome(audit: Audit, outcome: Outcome, outputs: Outputs) -> int:
         warn(note)
     audit.finish(outcome.stopped_by, note)
     assert audit.trace is not None
-    code = emit(audit.trace, audit.findings, outputs)
+    findings = audit.findings
+    ranks = current_ranks()
+    if ranks is not None and ranks.rank != 0 and not outcome.status:
+        share(ranks, findings)  # rank 0 reports it
+        return 0
+    if ranks is not None and ranks.rank == 0:
+        findings, missing = merged(ranks, findings)
+        if missing:
+            warn(f"no findings arrived from rank(s) {', '.join(map(str, missing))}: reported are those of the others")
+    elif ranks is not None:
+        warn(f"rank {ranks.rank} failed: its own findings follow")
+    code = emit(audit.trace, findings, outputs)
     return outcome.status or code
 
 
