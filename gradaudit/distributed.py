@@ -4,6 +4,7 @@ audit must not add or reorder one). A rank that fails reports on its own: the ot
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -61,6 +62,8 @@ def merged(ranks: Ranks, own: list[Finding]) -> tuple[list[Finding], list[int]]:
                 pending.discard(rank)
         if pending:
             time.sleep(0.05)
+    with contextlib.suppress(OSError):  # left when a late rank still writes into it
+        ranks.folder.rmdir()
     seen: dict[tuple, tuple[Finding, list[int]]] = {}
     for rank, findings in sorted(by_rank.items()):
         for finding in findings:
