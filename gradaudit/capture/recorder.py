@@ -39,7 +39,15 @@ from gradaudit.capture.graph import (
     group_terms,
     walk,
 )
-from gradaudit.capture.magnitude import all_finite, all_zero, norm, same_values, squared_norm
+from gradaudit.capture.magnitude import (
+    all_finite,
+    all_zero,
+    norm,
+    norm_unread,
+    read_all,
+    same_values,
+    squared_norm,
+)
 from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
 from gradaudit.capture.numerics import ClampStats
 from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode, never_compiled
@@ -1100,10 +1108,22 @@ class Recorder:
     @_guarded
     def _on_contribution(self, seen: list, grad_outputs: tuple) -> None:
         grad = grad_outputs[0]
-        if grad is not None:
+        if grad is not None and not seen:
             with self.mode.quiet(), torch.no_grad():
-                size = norm(grad)
-                seen.append((size, math.isfinite(size) or all_finite(grad)))  # a finite norm has finite elements
+                seen.append(norm_unread(grad))  # read with the others after the backward: one sync
+
+    def _read_contributions(self, seen_by_param: list[tuple[_Param, list]]) -> None:
+        """Each contribution's norm, read in one batch per device; `seen[0]` becomes (norm, all finite). The rare
+        non-finite norm is looked at again on the parameter's .grad (the contribution is not kept: a program that
+        accumulates would hold a second copy of its gradients): overflow in the gradient's precision gets the norm
+        in double, NaN/Inf stays, as it does in the .grad it was added to."""
+        with self.mode.quiet(), torch.no_grad():
+            sizes = read_all([seen[0] for _, seen in seen_by_param])
+            for (param, seen), size in zip(seen_by_param, sizes, strict=True):
+                grad = param.tensor.grad
+                if not math.isfinite(size) and grad is not None and all_finite(grad):
+                    size = norm(grad)
+                seen[0] = (size, math.isfinite(size))
 
     def _hidden_leaves(self, view: GraphView) -> list[tuple[Any, torch.Tensor]]:
         """The known parameters a graph whose reach is unknown may still reach (through a nested backward, or below
@@ -1119,6 +1139,7 @@ class Recorder:
     def _after_backward(self, contributions: list, record_chains: Callable[[], None] | None) -> None:
         if record_chains is not None:
             record_chains()
+        self._read_contributions([(param, seen) for _, param, seen in contributions if seen])
         self._term_from_contributions(contributions)
         location = self.backwards[-1].location if self.backwards else None
         for index, param, seen in contributions:
