@@ -1142,15 +1142,17 @@ class Recorder:
         self._read_contributions([(param, seen) for _, param, seen in contributions if seen])
         self._term_from_contributions(contributions)
         location = self.backwards[-1].location if self.backwards else None
+        received = []
         for index, param, seen in contributions:
             if not seen:
                 continue
             size, finite = seen[0]
             self._event("accumulate", param, backward=index, norm=size, finite=finite, location=location)
             param.pending = True
-            self._refresh([param])
+            received.append(param)
             if not param.owners and param.snapshot is None:
                 param.snapshot = param.tensor.detach().clone()
+        self._refresh(received)
 
     def _term_groups(
         self, root: torch.Tensor, frame: FrameType | None, view: GraphView, location: Location | None
@@ -1241,11 +1243,13 @@ class Recorder:
         term = next((t for t in self.backwards[contributions[0][0]].terms if t.from_contributions), None)
         if term is None:
             return
+        listed = set(term.param_ids)
         for _, param, seen in contributions:
             if seen:
                 pid = id(param.tensor)
                 term.sq_norms[pid] = seen[0][0] ** 2
-                if pid not in term.param_ids:
+                if pid not in listed:
+                    listed.add(pid)
                     term.param_ids.append(pid)
 
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
