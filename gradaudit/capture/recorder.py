@@ -351,6 +351,7 @@ class Recorder:
         """Lifecycle, membership and reachability only: no op provenance (the mode is never entered), no per-term
         gradients, no chain hooks, no numerics. Loss terms are split by the graph alone."""
         self.term_grads = term_grads and not light
+        self._term_grads_wanted = term_grads
         self.max_terms = max_terms
         self.window_cap = window_cap
         self.mode = ProvenanceMode()
@@ -921,7 +922,7 @@ class Recorder:
     def _start_sample(self) -> None:
         """The next iteration is audited: in full after a warning sign (when provenance is installed), else light."""
         self.light = not (self._next_full and self._mode_on_stack)
-        self.term_grads = not self.light
+        self.term_grads = self._term_grads_wanted and not self.light
         self.mode.paused = self._paused_before_step = self.light
         self._idle = self._next_full = False
 
