@@ -18,6 +18,7 @@ from rich.table import Table
 
 from gradaudit import gate
 from gradaudit.config import Config, ConfigError, load_config, parse_option
+from gradaudit.distributed import current_ranks, merged, share
 from gradaudit.findings import Declarations, Finding, Severity
 from gradaudit.report import build_report, json_report, sarif
 from gradaudit.report import console as console_report
@@ -222,6 +223,17 @@ def run(
     option: OptionOption = None,
     quiet: QuietOption = False,
     term_grads: Annotated[bool, typer.Option(help="measure each loss term's gradient per parameter group")] = True,
+    light: Annotated[
+        bool,
+        typer.Option("--light", help="lifecycle and reachability only: no op provenance, term gradients, numerics"),
+    ] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="run to the end: audit the window, then one iteration in every --every")
+    ] = False,
+    every: Annotated[int, typer.Option("--every", min=1, help="with --watch: iterations per light sample")] = 20,
+    max_nodes: Annotated[
+        int | None, typer.Option("--max-nodes", min=1, help="autograd nodes walked per backward (default 2,000,000)")
+    ] = None,
     html_path: HtmlOption = None,
     raw_graph_cap: Annotated[
         int, typer.Option(min=0, help="with --html: largest autograd graph drawn node by node (0: none)")
@@ -277,6 +289,9 @@ def run(
     audit = Audit(
         iterations=config.iterations,
         term_grads=term_grads,
+        light=light,
+        watch_every=every if watch else None,
+        **({} if max_nodes is None else {"max_nodes": max_nodes}),
         max_terms=MAX_TERMS if max_terms is None else max_terms,
         select=config.select,
         ignore=config.ignore,
@@ -308,25 +323,41 @@ def report_outcome(audit: Audit, outcome: Outcome, outputs: Outputs) -> int:
         sys.stderr.write(outcome.exit_message + "\n")  # as Python prints sys.exit("message")
     if outcome.traceback:
         sys.stderr.write(outcome.traceback)
-    if outcome.stopped_by == "interrupted" and not recorder.backwards:
+    if outcome.stopped_by == "interrupted" and not audit.saw_backward:
         warn("the program was interrupted (KeyboardInterrupt) before any backward call: nothing to audit")
         return outcome.status
-    if outcome.stopped_by == "exception" and recorder.iterations == 0:
+    stepped = any(o.steps for o in recorder.optimizers.values())
+    if (
+        outcome.stopped_by == "exception"
+        and recorder.iterations + recorder.iterations_before_sample == 0
+        and not stepped
+    ):
         fail(f"the program {outcome.ending} before completing a training iteration (0 iterations audited)")
-    if not recorder.backwards and outcome.status:
+    if not audit.saw_backward and outcome.status:
         fail(f"the program exited with status {outcome.status} before any backward call: nothing to audit")
-    if not recorder.backwards:
+    if not audit.saw_backward:
         seen = ", ".join(
             f"{type(o.optimizer).__name__} '{recorder._label(o)}'" + (f" ({o.created_at})" if o.created_at else "")
             for o in recorder.optimizers.values()
         )
         fail(f"no backward call seen: nothing to audit (optimizers seen: {seen or 'none'})")
-    note = how_it_ended(outcome, recorder.iterations)
+    note = how_it_ended(outcome, recorder.iterations + recorder.iterations_before_sample)
     if outcome.status or outcome.ending or outcome.stop_swallowed:
         warn(note)
     audit.finish(outcome.stopped_by, note)
     assert audit.trace is not None
-    code = emit(audit.trace, audit.findings, outputs)
+    findings = audit.findings
+    ranks = current_ranks()
+    if ranks is not None and ranks.rank != 0 and not outcome.status:
+        share(ranks, findings)  # rank 0 reports it
+        return 0
+    if ranks is not None and ranks.rank == 0:
+        findings, missing = merged(ranks, findings)
+        if missing:
+            warn(f"no findings arrived from rank(s) {', '.join(map(str, missing))}: reported are those of the others")
+    elif ranks is not None:
+        warn(f"rank {ranks.rank} failed: its own findings follow")
+    code = emit(audit.trace, findings, outputs)
     return outcome.status or code
 
 

@@ -36,8 +36,12 @@ class Finding:
     hint: str
     related: tuple[Location, ...] = ()
     """Further places the finding concerns: the contract it breaks (its line in pyproject.toml)."""
+    first_iteration: int | None = None
+    """Watching: the iteration where it first appeared, and in how many samples it did."""
+    occurrences: int = 0
 
     def to_dict(self) -> dict:
+        watched = {"first_iteration": self.first_iteration, "occurrences": self.occurrences}
         return {
             "rule": self.rule,
             "name": self.name,
@@ -47,6 +51,7 @@ class Finding:
             "location": None if self.location is None else {"file": self.location.file, "line": self.location.line},
             "hint": self.hint,
             **({"related": [{"file": loc.file, "line": loc.line} for loc in self.related]} if self.related else {}),
+            **(watched if self.first_iteration is not None else {}),
         }
 
 

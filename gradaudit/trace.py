@@ -358,6 +358,19 @@ class Window:
 
 
 @dataclass
+class Watch:
+    """Whole-run watching: one audited sample every `every` iterations, and each group's gradient norm in each."""
+
+    every: int
+    iterations: list[int] = field(default_factory=list)
+    """The first iteration (from 1) of each sample."""
+    full: list[bool] = field(default_factory=list)
+    """Whether each sample was a full audit (else light)."""
+    group_norms: dict[str, list[float | None]] = field(default_factory=dict)
+    """Per group, its gradient norm in each sample (None: it received none)."""
+
+
+@dataclass
 class Trace:
     program: str
     window: Window
@@ -376,6 +389,9 @@ class Trace:
     torch_version: str = ""
     flow_graphs: list[FlowGraph] = field(default_factory=list)
     raw_graphs: list[RawGraph] = field(default_factory=list)
+    light: bool = False
+    """Audited in light mode: no op provenance, per-term gradients, chains or numerics were recorded."""
+    watch: Watch | None = None
 
     def parameter(self, name: str) -> Parameter:
         return self._parameters_by_name()[name]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 
 import torch
 
-from gradaudit.capture.graph import MAX_TERMS
-from gradaudit.capture.recorder import InstallError, Recorder, StopAudit
+from gradaudit.capture.graph import MAX_TERMS, MAX_WALK_NODES
+from gradaudit.capture.recorder import InstallError, Recorder, StopAudit, group_norms
 from gradaudit.findings import Declarations, Finding
 from gradaudit.flowgraph import build_flow_graphs
 from gradaudit.rules import known_patterns, options_by_rule, run_rules
-from gradaudit.trace import RAW_GRAPH_CAP, Trace
+from gradaudit.trace import RAW_GRAPH_CAP, Trace, Watch
 
 __all__ = ["Audit", "InstallError", "StopAudit"]
 
@@ -27,6 +28,10 @@ class Audit:
     `raw_graph` keeps the autograd graph of the first backward at each location for the HTML report (graphs of
     more than `raw_graph_cap` nodes as their node count only).
     `max_terms` caps the loss terms reported per backward root; the addends beyond it are merged into one term.
+    `light` keeps lifecycle, membership and reachability and skips op provenance, per-term gradients, chains and
+    numerics (`Recorder.light`).
+    `max_nodes` caps the autograd nodes walked per backward (beyond it the graph is unknown, and the report says so).
+    `watch_every` (CLI mode, with `iterations`) watches the whole run instead of stopping it (`Recorder.watch_every`).
     """
 
     def __init__(
@@ -43,6 +48,9 @@ class Audit:
         raw_graph_cap: int = RAW_GRAPH_CAP,
         max_terms: int = MAX_TERMS,
         declarations: Callable[[Trace], Declarations] | None = None,
+        light: bool = False,
+        max_nodes: int = MAX_WALK_NODES,
+        watch_every: int | None = None,
     ) -> None:
         self.program, self.arguments = program, list(arguments)
         self.declarations = declarations
@@ -51,11 +59,24 @@ class Audit:
         self.options = options or {}
         options_by_rule(self.options)  # a misspelt rule or threshold fails here, before the program runs
         self.recorder = Recorder(
-            iterations=iterations, term_grads=term_grads, window_cap=window_cap, max_terms=max_terms
+            iterations=iterations,
+            term_grads=term_grads,
+            window_cap=window_cap,
+            max_terms=max_terms,
+            light=light,
+            max_nodes=max_nodes,
+            watch_every=watch_every,
         )
         self.recorder.raw_graphs.cap = raw_graph_cap if raw_graph else 0
         self.trace: Trace | None = None
         self.findings: list[Finding] = []
+        self.first_sample: Trace | None = None
+        """Watching: the Trace of the first window (a full audit), which the report details."""
+        self.watched: dict[tuple, Finding] = {}
+        """Watching: each finding seen in any sample, with its first iteration and its count."""
+        self.watch = Watch(watch_every) if watch_every is not None else None
+        if watch_every is not None:
+            self.recorder.on_sample = self._collect_sample
 
     def __enter__(self) -> Audit:
         self.recorder.install()
@@ -68,12 +89,66 @@ class Audit:
         self.finish()
         return exc_type is StopAudit
 
+    @property
+    def saw_backward(self) -> bool:
+        return bool(self.recorder.backwards) or self.first_sample is not None
+
+    def _collect_sample(self, trace: Trace, first_iteration: int) -> None:
+        """A watched sample: its findings merged into those seen so far, its group norms into the history."""
+        if self.first_sample is None:
+            self.first_sample = trace
+        for finding in run_rules(trace, self.select, self.ignore, self.options):
+            key = (finding.rule, finding.subject, finding.location)
+            seen = self.watched.get(key)
+            if seen is None:
+                self.watched[key] = dataclasses.replace(finding, first_iteration=first_iteration, occurrences=1)
+            else:
+                self.watched[key] = dataclasses.replace(seen, occurrences=seen.occurrences + 1)
+        norms = group_norms(trace)
+        history = self.watch.group_norms
+        for group in norms.keys() - history.keys():
+            history[group] = [None] * len(self.watch.iterations)
+        for group, series in history.items():
+            series.append(norms.get(group))
+        self.watch.iterations.append(first_iteration)
+        self.watch.full.append(not trace.light)
+
     def finish(self, stopped_by: str | None = None, note: str = "") -> None:
+        if self.watch is not None:
+            self._finish_watch(stopped_by, note)
+            return
         self.trace = self.recorder.build_trace(self.program, stopped_by, note)
         self.trace.arguments, self.trace.torch_version = self.arguments, str(torch.__version__)
         self.trace.flow_graphs = build_flow_graphs(self.trace)
         declared = None if self.declarations is None else self.declarations(self.trace)
         self.findings = run_rules(self.trace, self.select, self.ignore, self.options, declared)
+
+    def _finish_watch(self, stopped_by: str | None, note: str) -> None:
+        """The report of a watched run: the first window's trace, every sample's findings, the norm history. A
+        sample cut short (the program ended, Ctrl-C) counts as gathered so far."""
+        recorder = self.recorder
+        if recorder.backwards:
+            self._collect_sample(recorder.build_trace(self.program), recorder.iterations_before_sample + 1)
+        trace = self.first_sample or recorder.build_trace(self.program)
+        trace.program = self.program
+        trace.window = dataclasses.replace(
+            trace.window,
+            iterations=recorder.iterations_before_sample + recorder.iterations,
+            stopped_by=stopped_by or recorder.stopped_by,
+            note=note,
+            internal_errors=recorder.internal_errors_total(),
+        )
+        trace.arguments, trace.torch_version, trace.watch = self.arguments, str(torch.__version__), self.watch
+        trace.flow_graphs = build_flow_graphs(trace)
+        self.trace = trace
+        self.findings = [self._first_nonfinite_loss(f) for f in self.watched.values()]
+
+    def _first_nonfinite_loss(self, finding: Finding) -> Finding:
+        """A non-finite loss was first seen by the check idle iterations get, earlier than the sample reporting it."""
+        first = self.recorder.first_nonfinite_loss
+        if finding.rule == "GA305" and finding.subject == "loss" and first is not None:
+            return dataclasses.replace(finding, first_iteration=min(first, finding.first_iteration or first))
+        return finding
 
     def term(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Names a loss term so that findings speak of it by this name; returns the tensor unchanged."""

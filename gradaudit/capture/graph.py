@@ -3,8 +3,9 @@ backward passes through them, and the root's top-level terms.
 
 Limits. Every node the walk touches gets a Python wrapper that lives as long as the node, and PyTorch frees a chain
 of wrapped nodes recursively on the C stack (about 170 bytes a node: a chain of 50,000 overflows an 8 MB stack).
-The walk therefore stops MAX_WALK_DEPTH nodes below the root and after MAX_WALK_NODES nodes; what lies beyond is
-"unknown" (its reach, and whether it runs user code), and the Backward says the walk was truncated.
+The walk therefore stops MAX_WALK_DEPTH nodes below the root, and after `max_nodes` nodes (MAX_WALK_NODES by
+default: a wide graph of that size is walked in seconds and its wrappers take a few hundred MB); what lies beyond
+is "unknown" (its reach, and whether it runs user code), and the Backward says the walk was truncated.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from gradaudit.trace import Location
 
 MAX_WALK_DEPTH = 16_384
 """Nodes farther than this below the root are not walked (their subgraph is unknown)."""
-MAX_WALK_NODES = 200_000
-"""At most this many nodes are walked per backward."""
+MAX_WALK_NODES = 2_000_000
+"""At most this many nodes are walked per backward, by default (`--max-nodes`, `audit(max_nodes=N)`)."""
 MAX_TERMS = 64
 """Default cap on the terms reported per backward root; the addends beyond it are merged into one term."""
 
@@ -93,13 +94,15 @@ class GraphView:
         mask = 0
         for node in nodes:
             mask |= self.reach.get(id(node), 0)
-        return [pid for bit, pid in enumerate(self.param_ids) if mask >> bit & 1]
+        bits = bin(mask)[:1:-1]  # lowest bit first; linear, where shifting a 10,000-bit mask per bit is quadratic
+        return [pid for pid, bit in zip(self.param_ids, bits, strict=False) if bit == "1"]
 
 
 def walk(
     roots: Iterable[Any],
     is_parameter: Callable[[torch.Tensor], bool],
     user_code_of: Callable[[Any], str | None],
+    max_nodes: int = MAX_WALK_NODES,
 ) -> GraphView:
     """Post-order walk with an explicit stack (deep unrolled graphs overflow recursion).
 
@@ -107,40 +110,39 @@ def walk(
     hooks); Python-defined nodes and hooks on parameters are found here.
     """
     view = GraphView()
+    nodes = view.nodes
     bit_of: dict[int, int] = {}
-    stack = [(node, False, 1) for node in roots if node is not None]
+    stack: list[tuple[Any, list[int] | None, int]] = [(node, None, 1) for node in roots if node is not None]
     while stack:
-        node, children_done, depth = stack.pop()
+        node, child_keys, depth = stack.pop()
+        if child_keys is not None:
+            _finish(view, node, child_keys, bit_of, is_parameter, user_code_of)
+            continue
         key = id(node)
-        if children_done:
-            _finish(view, node, bit_of, is_parameter, user_code_of)
+        if key in nodes:
             continue
-        if key in view.nodes:
-            continue
-        view.nodes[key] = node
-        if depth > MAX_WALK_DEPTH or len(view.nodes) > MAX_WALK_NODES:
+        nodes[key] = node
+        if depth > MAX_WALK_DEPTH or len(nodes) > max_nodes:
             view.frontier.add(key)
             view.reach[key] = 0
             view.user_code[key] = _TOO_DEEP
             view.reach_unknown.add(key)
             continue
-        stack.append((node, True, depth))
-        stack.extend(
-            (child, False, depth + 1)
-            for child, _ in node.next_functions
-            if child is not None and id(child) not in view.nodes
-        )
+        children = [child for child, _ in node.next_functions if child is not None]  # read once: each read wraps
+        stack.append((node, [id(child) for child in children], depth))
+        stack.extend((child, None, depth + 1) for child in children if id(child) not in nodes)
     return view
 
 
 def _finish(
     view: GraphView,
     node: Any,
+    child_keys: list[int],
     bit_of: dict[int, int],
     is_parameter: Callable[[torch.Tensor], bool],
     user_code_of: Callable[[Any], str | None],
 ) -> None:
-    """A node whose children are done: its reach, and what user code a backward below it runs."""
+    """A node whose children (their ids) are done: its reach, and what user code a backward below it runs."""
     key = id(node)
     mask = 0
     code = user_code_of(node)
@@ -149,13 +151,12 @@ def _finish(
     if python is not None:
         code = code or python[0]
         unknown = python[1]
-    for child, _ in node.next_functions:
-        if child is not None:
-            child_key = id(child)
-            mask |= view.reach.get(child_key, 0)
-            code = code or view.user_code.get(child_key)
-            unknown = unknown or child_key in view.reach_unknown
-    variable = getattr(node, "variable", None)
+    reach, user_code, reach_unknown = view.reach, view.user_code, view.reach_unknown
+    for child_key in child_keys:
+        mask |= reach.get(child_key, 0)
+        code = code or user_code.get(child_key)
+        unknown = unknown or child_key in reach_unknown
+    variable = getattr(node, "variable", None) if type(node).__name__ == "AccumulateGrad" else None
     if isinstance(variable, torch.Tensor) and is_parameter(variable):
         pid = id(variable)
         if pid not in bit_of:
@@ -196,6 +197,7 @@ def decompose(
     root_name: str,
     user_name_for: Callable[[Any], str | None],
     expandable: Callable[[Any], bool],
+    split_unrecorded: bool = False,
 ) -> list[RawTerm]:
     """Splits the root through +, -, negation and constant scaling into its addends (user-named tensors stay whole),
     in the order they are written.
@@ -203,7 +205,9 @@ def decompose(
     The split is linear: an edge reached along several paths is one addend whose scale is the sum of the paths'
     (`x = x + x` sixteen times is one addend of scale 65,536). Nodes are expanded newest first (autograd sequence
     numbers: a sum is always newer than its operands), so each exactly once. Only nodes the walk visited
-    (`expandable`) are expanded.
+    (`expandable`) are expanded. `split_unrecorded` (light mode, no op provenance) splits sums that provenance did
+    not record by the graph alone: operands are named by position, and constant operands, which the graph cannot
+    tell from a literal `+ 1e-8`, are left out.
     """
     root_key = (id(root), root_nr)
     pending: dict[Edge, RawTerm] = {root_key: RawTerm(root_name, 1.0, root, root_nr)}
@@ -225,7 +229,7 @@ def decompose(
     while queue:
         _, _, key = heapq.heappop(queue)
         term = pending.pop(key)
-        operands = _expand(term, record_for, user_name_for, expandable)
+        operands = _expand(term, record_for, user_name_for, expandable, split_unrecorded)
         if operands is None:
             if key in addend_at:  # reached again after it was settled (sequence numbers out of order): still linear
                 addend_at[key].scale += term.scale
@@ -244,6 +248,7 @@ def _expand(
     record_for: Callable[[Any], OpRecord | None],
     user_name_for: Callable[[Any], str | None],
     expandable: Callable[[Any], bool],
+    split_unrecorded: bool = False,
 ) -> list[RawTerm] | None:
     """The operands a sum or a constant scaling of a sum splits into (scaled); None: the term is an addend."""
     node, scale = term.node, term.scale
@@ -251,6 +256,8 @@ def _expand(
     record = record_for(node)
     user_name = user_name_for(node)
     term.producer = record
+    if user_name is None and expandable(node) and record is None and split_unrecorded and kind in _SUMS:
+        return _split_by_graph(term, node, kind)
     if user_name is not None or not expandable(node) or record is None:
         term.name = user_name or term.name
         return None
@@ -264,8 +271,12 @@ def _expand(
         ]
         operands = []
         for index, child, child_nr in inputs:
-            indexed = term.name if len(inputs) == 1 else f"{term.name}[{index}]"  # `0 + x` (sum()'s start) splits nothing
-            label = record.constant_names.get(index) or (texts[index] if index < len(texts) and texts[index] else indexed)
+            indexed = (
+                term.name if len(inputs) == 1 else f"{term.name}[{index}]"
+            )  # `0 + x` (sum()'s start) splits nothing
+            label = record.constant_names.get(index) or (
+                texts[index] if index < len(texts) and texts[index] else indexed
+            )
             operands.append(RawTerm(label, scale * signs[index], child, child_nr, record, index))
         return operands
     if kind in _SCALINGS:
@@ -276,6 +287,16 @@ def _expand(
             if record_for(child) is not None and type(child).__name__ in _SUMS and expandable(child):
                 return [RawTerm(term.name, scale * factor, child, child_nr, term.added_by, term.operand_index)]
     return None
+
+
+def _split_by_graph(term: RawTerm, node: Any, kind: str) -> list[RawTerm]:
+    """A sum's operands that carry a graph, named by position (`loss[0]`), without provenance."""
+    signs = (1.0, -1.0 if kind == "SubBackward0" else 1.0)
+    inputs = [(index, child, nr) for index, (child, nr) in enumerate(node.next_functions) if child is not None]
+    if len(inputs) == 1:
+        index, child, nr = inputs[0]
+        return [RawTerm(term.name, term.scale * signs[index], child, nr, term.added_by, term.operand_index)]
+    return [RawTerm(f"{term.name}[{index}]", term.scale * signs[index], child, nr) for index, child, nr in inputs]
 
 
 def _in_written_order(

@@ -6,6 +6,8 @@ sparse layout lacks (`torch.isfinite`, `any` and `equal` have no sparse kernels)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
@@ -25,14 +27,35 @@ def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
     return values.abs() if values.is_complex() else values
 
 
+def norm_unread(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-norm as a 0-d tensor, unread: in the tensor's own precision (half precision: in float32), without the
+    copy a cast to double makes (20x slower on a 38M-element gradient)."""
+    values = _magnitudes(tensor)
+    return torch.linalg.vector_norm(values, dtype=torch.float32 if values.element_size() < 4 else None)
+
+
+def read_all(values: list[torch.Tensor]) -> list[float]:
+    """0-d tensors as floats, one read (one device synchronisation) per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, value in enumerate(values):
+        by_device.setdefault(value.device, []).append(index)
+    found = [0.0] * len(values)
+    for indices in by_device.values():
+        numbers = torch.stack([values[i].double() for i in indices]).tolist()
+        for index, number in zip(indices, numbers, strict=True):
+            found[index] = number
+    return found
+
+
 def norm(tensor: torch.Tensor) -> float:
-    """The 2-norm, in double precision."""
-    return float(_magnitudes(tensor).double().norm())
+    """The 2-norm (`norm_unread`, read); in double when that overflows or the tensor holds NaN/Inf."""
+    size = float(norm_unread(tensor))
+    return size if math.isfinite(size) else float(_magnitudes(tensor).double().norm())
 
 
 def squared_norm(tensor: torch.Tensor) -> float:
-    """The sum of squared magnitudes, in double precision."""
-    return float(_magnitudes(tensor).double().pow(2).sum())
+    """The sum of squared magnitudes."""
+    return norm(tensor) ** 2
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

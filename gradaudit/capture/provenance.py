@@ -231,11 +231,9 @@ class ProvenanceMode(TorchFunctionMode):
                 self.user_code.popitem(last=False)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if torch.compiler.is_compiling():  # dynamo traces this method: step aside (no graph break, same graph)
-            return func(*args, **(kwargs or {}))
+        if self.paused or torch.compiler.is_compiling():  # compiling: dynamo traces this method, so step aside
+            return func(*args, **(kwargs or {}))  # (no graph break, the same graph)
         kwargs = kwargs or {}
-        if self.paused:
-            return func(*args, **kwargs)
         name = op_name(func)
         if func in _HOOK_REGISTRATIONS:
             self._note_hook_registration(func, args)

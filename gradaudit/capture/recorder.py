@@ -29,8 +29,25 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.weak import WeakIdKeyDictionary
 
 from gradaudit.capture.chains import ChainTracker
-from gradaudit.capture.graph import MAX_TERMS, GraphView, RawTerm, TermGroup, decompose, group_terms, walk
-from gradaudit.capture.magnitude import all_finite, all_zero, norm, same_values, squared_norm
+from gradaudit.capture.graph import (
+    MAX_TERMS,
+    MAX_WALK_NODES,
+    GraphView,
+    RawTerm,
+    TermGroup,
+    decompose,
+    group_terms,
+    walk,
+)
+from gradaudit.capture.magnitude import (
+    all_finite,
+    all_zero,
+    norm,
+    norm_unread,
+    read_all,
+    same_values,
+    squared_norm,
+)
 from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
 from gradaudit.capture.numerics import ClampStats
 from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode, never_compiled
@@ -64,6 +81,8 @@ from gradaudit.trace import (
 _MAX_MODULE_INPUTS = 20_000
 _COMPILED_MODULE_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks on modules"
 _BACKWARDS_WITHOUT_STEP = 20
+_NORM_JUMP = 100.0
+"""Watching: a group whose gradient norm grew by more than this since the last sample gets a full audit next."""
 
 
 class StopAudit(BaseException):
@@ -233,6 +252,17 @@ def _names_are_final(frame: FrameType) -> bool:
     return package_path(frame.f_code.co_filename) is None and not isinstance(frame.f_locals.get("self"), nn.Module)
 
 
+def group_norms(trace: Trace) -> dict[str, float]:
+    """Each group's gradient norm over a sample: the root of the summed squares of every accumulation's norm."""
+    groups = {p.name: p.group for p in trace.parameters}
+    totals: dict[str, float] = {}
+    for event in trace.events:
+        if event.kind == "accumulate" and event.norm is not None:
+            group = groups[event.param]
+            totals[group] = totals.get(group, 0.0) + event.norm**2
+    return {group: math.sqrt(total) for group, total in totals.items()}
+
+
 def _class_name(obj: object) -> str:
     """What names an object nothing in the program names: its class (`ActorCriticPolicy`)."""
     return type(obj).__name__
@@ -289,11 +319,39 @@ class Recorder:
     """
 
     def __init__(
-        self, iterations: int | None = None, term_grads: bool = True, window_cap: int = 20, max_terms: int = MAX_TERMS
+        self,
+        iterations: int | None = None,
+        term_grads: bool = True,
+        window_cap: int = 20,
+        max_terms: int = MAX_TERMS,
+        light: bool = False,
+        max_nodes: int = MAX_WALK_NODES,
+        watch_every: int | None = None,
     ) -> None:
         self.iterations_wanted = iterations
+        self.max_nodes = max_nodes
+        self.watch_every = watch_every
+        """Whole-run watching (CLI mode): the window is audited in full, then one iteration in `watch_every` in light
+        mode, and the iteration after a non-finite loss or gradient, or a gradient-norm jump, in full. Each audited
+        stretch (a sample) ends in a Trace handed to `on_sample`; the program is never stopped."""
+        self.on_sample: Callable[[Trace, int], None] | None = None
+        """Called with each sample's Trace and the number (from 1) of its first iteration."""
+        self.iterations_before_sample = 0
+        self.first_nonfinite_loss: int | None = None
+        """The first iteration whose loss was non-finite, seen by the check every backward gets while idle."""
+        self._idle = False
+        self._next_full = False
+        self._last_group_norms: dict[str, float] = {}
+        self._was_nonfinite = False
+        self._last_stepper: int | None = None
+        self._pace: int | None = None
+        """Watching: the optimizer whose step ended the last sample; its steps count the idle iterations."""
         """None: the window is the `with` block (API mode), which may use optimizers created before it."""
-        self.term_grads = term_grads
+        self.light = light
+        """Lifecycle, membership and reachability only: no op provenance (the mode is never entered), no per-term
+        gradients, no chain hooks, no numerics. Loss terms are split by the graph alone."""
+        self.term_grads = term_grads and not light
+        self._term_grads_wanted = term_grads
         self.max_terms = max_terms
         self.window_cap = window_cap
         self.mode = ProvenanceMode()
@@ -374,14 +432,19 @@ class Recorder:
         ):
             self._undo.append(register(hook, **options).remove)
         self._undo.append(_hide_compiled_module_warning())
-        if self.iterations_wanted is None:
-            self._adopt_live_optimizers()
-        self.mode.__enter__()
-        self._mode_on_stack = True
+        if not self.light:
+            self.mode.__enter__()
+            self._mode_on_stack = True
 
+    @_guarded
     def _adopt_live_optimizers(self) -> None:
-        """API mode: optimizers created before the `with` block are known from the start (a half-constructed one,
-        kept alive by a traceback, has no parameter groups yet and is left out)."""
+        """API mode: optimizers created before the `with` block are found at the end, and only when a parameter
+        that received gradient is in no optimizer seen (those that zero_grad or step during the block are seen
+        then): scanning the heap costs tens of milliseconds. A half-constructed optimizer, kept alive by a
+        traceback, has no parameter groups yet and is left out."""
+        received = {event.param for event in self.events if event.kind == "accumulate"}
+        if self.iterations_wanted is not None or all(self.params[pid].owners for pid in received):
+            return
         for obj in gc.get_objects():
             if not issubclass(type(obj), torch.optim.Optimizer):  # type(): no __getattr__ on lazy proxies
                 continue
@@ -425,14 +488,14 @@ class Recorder:
         return self._installed and threading.get_ident() != self._thread and os.getpid() == self._pid
 
     def _recording(self) -> bool:
-        return self._audited_thread() and self._stop is None
+        return self._audited_thread() and self._stop is None and not self._idle
 
     def _admit(self, inside_step: bool = False) -> bool:
         """Whether this entry into a hook is to be recorded. Raises StopAudit once the window is complete, and once
         only: at the next entry the program has either let it go by (still unwinding: a `finally`, an `__exit__`)
         or swallowed it, and then it is uninstalled (from a step's hook, whose hook table is being iterated, that is
         left to the next forward, backward or zero_grad, or to the end of the audit)."""
-        if not self._audited_thread():
+        if not self._audited_thread() or self._idle:
             return False
         if self._stop is not None:
             if not self.stop_swallowed and not self._stop_unwinding():
@@ -531,7 +594,8 @@ class Recorder:
 
     @_guarded
     def _enter_module(self, module: nn.Module, args: tuple) -> None:
-        self.chain_tracker.enter(module)
+        if not self.light:
+            self.chain_tracker.enter(module)
         if self._depth == 1:
             self._note_module_inputs(module, args)
 
@@ -556,7 +620,8 @@ class Recorder:
 
     @_guarded
     def _leave_module(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.chain_tracker.leave(args, output)
+        if not self.light:
+            self.chain_tracker.leave(args, output)
         if module._backward_hooks or nn.modules.module._global_backward_hooks:
             with self.mode.quiet():
                 for tensor in _output_tensors(output):
@@ -717,6 +782,9 @@ class Recorder:
 
     @_guarded
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._idle and self._audited_thread():
+            self._idle_step(optimizer)
+            return
         if not self._recording():
             return
         try:
@@ -728,6 +796,7 @@ class Recorder:
     def _note_step(self, optimizer: torch.optim.Optimizer) -> None:
         record = self._optimizer(optimizer, user_frame())
         record.steps += 1
+        self._last_stepper = record.index
         self._step_started.pop(record.index, None)
         location = here()
         for param in self._owned(record):
@@ -771,10 +840,19 @@ class Recorder:
 
     @_guarded
     def _update_window(self) -> None:
-        """Decides whether the window is complete (see the class docstring); the stop comes at the next entry."""
+        """Decides whether the window is complete (see the class docstring); the stop comes at the next entry.
+        Watching, a sample after the first window is one iteration, and a complete one is closed, not stopped."""
         wanted = self.iterations_wanted
-        if wanted is None or self._window_done:
+        if wanted is None or self._window_done or self._idle:
             return
+        if self.watch_every is not None and self.iterations_before_sample and self.iterations >= 1:
+            self._close_sample()
+            return
+        self._decide_window(wanted)
+        if self.watch_every is not None and self._window_done:
+            self._close_sample()
+
+    def _decide_window(self, wanted: int) -> None:
         if not self.optimizers:
             if len(self.backwards) >= _BACKWARDS_WITHOUT_STEP:
                 self._window_done, self.stopped_by = True, "iterations"
@@ -787,6 +865,76 @@ class Recorder:
             self._window_done, self.stopped_by = True, "cap"
         elif len(self.backwards) - self._backwards_at_last_step >= self.window_cap * per_step:
             self._window_done, self.stopped_by = True, "cap"
+
+    # ---------------------------------------------------------------- whole-run watching
+
+    def _close_sample(self) -> None:
+        """Hands the sample's Trace over, decides whether the next sample is a full audit, and goes idle."""
+        trace = self.build_trace("")
+        norms = group_norms(trace)
+        jumped = any(
+            norm > _NORM_JUMP * self._last_group_norms[group]
+            for group, norm in norms.items()
+            if self._last_group_norms.get(group)
+        )
+        nonfinite = any(not b.loss_finite for b in trace.backwards) or any(
+            e.kind == "accumulate" and not e.finite for e in trace.events
+        )
+        self._next_full = jumped or (nonfinite and not self._was_nonfinite)  # a NaN that stays: light samples on
+        self._was_nonfinite = nonfinite
+        self._pace = self._last_stepper
+        self._last_group_norms = norms or self._last_group_norms
+        if self.on_sample is not None:
+            self.on_sample(trace, self.iterations_before_sample + 1)
+        self.iterations_before_sample += max(self.iterations, 1)
+        self._reset_sample()
+        if self._next_full:
+            self._start_sample()
+        else:
+            self._idle = True
+            self.mode.paused = self._paused_before_step = True
+
+    def _reset_sample(self) -> None:
+        """Forgets what the closed sample recorded; names, modules and optimizers stay known."""
+        self.events, self.backwards, self.measured, self.nonfinite_origins = [], [], [], []
+        self.regression_targets = []
+        self.chain_tracker.chains.clear()
+        self.module_inputs.clear()
+        self.iterations = self._backwards_at_last_step = self._depth = 0
+        self._window_done, self.stopped_by = False, "context-exit"  # a watched program is never stopped
+        self._step_started.clear()
+        self._stepped_this_iteration = set()
+        for param in self.params.values():
+            param.pending, param.snapshot = False, None
+        for record in self.optimizers.values():
+            record.steps = 0
+
+    def _idle_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Counts idle iterations by the steps of the optimizer whose step ended the last sample (an iteration
+        boundary); after one, starts the next sample (light, or full after a warning sign) when it is due."""
+        record = self._lookup_optimizer(optimizer)
+        if record is None or record.index != self._pace:
+            return
+        self.iterations_before_sample += 1
+        if self._next_full or self.iterations_before_sample % self.watch_every == 0:
+            self._start_sample()
+
+    def _start_sample(self) -> None:
+        """The next iteration is audited: in full after a warning sign (when provenance is installed), else light."""
+        self.light = not (self._next_full and self._mode_on_stack)
+        self.term_grads = self._term_grads_wanted and not self.light
+        self.mode.paused = self._paused_before_step = self.light
+        self._idle = self._next_full = False
+
+    def _check_idle_loss(self, roots: Any) -> None:
+        """While idle, every backward's loss is still checked for NaN/Inf (a full audit follows at once)."""
+        given = [roots] if isinstance(roots, torch.Tensor) else list(roots)
+        with torch.no_grad():
+            finite = all(bool(torch.isfinite(r.detach()).all()) for r in given if isinstance(r, torch.Tensor))
+        if not finite:
+            self._next_full = not self._was_nonfinite
+            if self.first_nonfinite_loss is None:
+                self.first_nonfinite_loss = self.iterations_before_sample + 1
 
     # ---------------------------------------------------------------- provenance inside optimizers
 
@@ -881,6 +1029,8 @@ class Recorder:
             if recorder._in_backward or not recorder._admit():
                 if recorder._foreign_thread():
                     recorder.foreign_backwards += 1
+                elif recorder._idle and recorder._audited_thread() and not recorder._in_backward:
+                    recorder._guarded_idle_check(signature, roots_argument, args, kwargs)
                 return original(*args, **kwargs)
             try:
                 roots = signature.bind(*args, **kwargs).arguments[roots_argument]
@@ -903,6 +1053,10 @@ class Recorder:
         return backward
 
     @_guarded
+    def _guarded_idle_check(self, signature: inspect.Signature, roots_argument: str, args: tuple, kwargs: dict) -> None:
+        self._check_idle_loss(signature.bind(*args, **kwargs).arguments[roots_argument])
+
+    @_guarded
     def _before_backward(self, tensors: Any, accumulates: bool) -> tuple[list, list, Any] | None:
         if torch.compiler.is_compiling():  # AOT autograd tracing a compiled region's backward: not the program's
             return None
@@ -913,7 +1067,7 @@ class Recorder:
         with self.mode.quiet():
             self._checkpoint(location)
             nodes = [r.grad_fn for r in roots]
-            view = walk(nodes, self._is_parameter, self.mode.user_code_for)
+            view = walk(nodes, self._is_parameter, self.mode.user_code_for, self.max_nodes)
             self.raw_graphs.capture(location, view)
             for pid in view.param_ids:
                 self._param(view.leaves[pid][1])
@@ -939,7 +1093,7 @@ class Recorder:
             )
             self._note_regression_targets(view)
             self._note_numerics(view, index, finite)
-            handles, record_chains = self.chain_tracker.prepare(view, index)
+            handles, record_chains = ([], None) if self.light else self.chain_tracker.prepare(view, index)
         if not accumulates:
             return handles, [], record_chains
         contributions: list[tuple[_Param, list]] = []
@@ -955,10 +1109,22 @@ class Recorder:
     @_guarded
     def _on_contribution(self, seen: list, grad_outputs: tuple) -> None:
         grad = grad_outputs[0]
-        if grad is not None:
+        if grad is not None and not seen:
             with self.mode.quiet(), torch.no_grad():
-                size = norm(grad)
-                seen.append((size, math.isfinite(size) or all_finite(grad)))  # a finite norm has finite elements
+                seen.append(norm_unread(grad))  # read with the others after the backward: one sync
+
+    def _read_contributions(self, seen_by_param: list[tuple[_Param, list]]) -> None:
+        """Each contribution's norm, read in one batch per device; `seen[0]` becomes (norm, all finite). The rare
+        non-finite norm is looked at again on the parameter's .grad (the contribution is not kept: a program that
+        accumulates would hold a second copy of its gradients): overflow in the gradient's precision gets the norm
+        in double, NaN/Inf stays, as it does in the .grad it was added to."""
+        with self.mode.quiet(), torch.no_grad():
+            sizes = read_all([seen[0] for _, seen in seen_by_param])
+            for (param, seen), size in zip(seen_by_param, sizes, strict=True):
+                grad = param.tensor.grad
+                if not math.isfinite(size) and grad is not None and all_finite(grad):
+                    size = norm(grad)
+                seen[0] = (size, math.isfinite(size))
 
     def _hidden_leaves(self, view: GraphView) -> list[tuple[Any, torch.Tensor]]:
         """The known parameters a graph whose reach is unknown may still reach (through a nested backward, or below
@@ -974,17 +1140,20 @@ class Recorder:
     def _after_backward(self, contributions: list, record_chains: Callable[[], None] | None) -> None:
         if record_chains is not None:
             record_chains()
+        self._read_contributions([(param, seen) for _, param, seen in contributions if seen])
         self._term_from_contributions(contributions)
         location = self.backwards[-1].location if self.backwards else None
+        received = []
         for index, param, seen in contributions:
             if not seen:
                 continue
             size, finite = seen[0]
             self._event("accumulate", param, backward=index, norm=size, finite=finite, location=location)
             param.pending = True
-            self._refresh([param])
+            received.append(param)
             if not param.owners and param.snapshot is None:
                 param.snapshot = param.tensor.detach().clone()
+        self._refresh(received)
 
     def _term_groups(
         self, root: torch.Tensor, frame: FrameType | None, view: GraphView, location: Location | None
@@ -997,7 +1166,15 @@ class Recorder:
         name = _root_name(frame)
         if root.grad_fn is None:
             return [RawTerm(name, 1.0, None, 0, None, 0, None)]
-        return decompose(root.grad_fn, root.output_nr, self.mode.record_for, name, self._user_term_name, view.expanded)
+        return decompose(
+            root.grad_fn,
+            root.output_nr,
+            self.mode.record_for,
+            name,
+            self._user_term_name,
+            view.expanded,
+            split_unrecorded=self.light,
+        )
 
     def _user_term_name(self, node: Any) -> str | None:
         entry = self.user_term_names.get(id(node))
@@ -1067,11 +1244,13 @@ class Recorder:
         term = next((t for t in self.backwards[contributions[0][0]].terms if t.from_contributions), None)
         if term is None:
             return
+        listed = set(term.param_ids)
         for _, param, seen in contributions:
             if seen:
                 pid = id(param.tensor)
                 term.sq_norms[pid] = seen[0][0] ** 2
-                if pid not in term.param_ids:
+                if pid not in listed:
+                    listed.add(pid)
                     term.param_ids.append(pid)
 
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
@@ -1122,6 +1301,7 @@ class Recorder:
     # ---------------------------------------------------------------- the Trace
 
     def build_trace(self, program: str, stopped_by: str | None = None, note: str = "") -> Trace:
+        self._adopt_live_optimizers()
         names = self._final_names()
         groups = {pid: self.params[pid].group or self.params[pid].creation_group or names[pid] for pid in names}
 
@@ -1236,6 +1416,7 @@ class Recorder:
                 for c, backward in self.nonfinite_origins
             ],
             raw_graphs=self.raw_graphs.graphs(names),
+            light=self.light,
         )
 
     def _module_label(self, module: nn.Module, names: dict[int, str]) -> str:

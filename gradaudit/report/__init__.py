@@ -25,12 +25,17 @@ Schema (version 2):
   max_output, overflow}
 - `iterations`, `window` {iterations, stopped_by, note}, `program`, `optimizers`
 - `internal_errors`: errors inside gradaudit's own hooks (each skipped one measurement): non-zero, the audit is partial
+- `light`: audited in light mode (no op provenance, term gradients, chains or numerics)
+- `watch` (whole-run watching, else null): {every, iterations [first iteration of each sample], full [whether each
+  sample was a full audit], group_norms {group: [norm or null per sample]}}; findings then carry `first_iteration`
+  and `occurrences` (samples it appeared in)
 
 Non-finite numbers are written as the strings "inf", "-inf" and "nan", so the JSON stays strictly valid.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -189,6 +194,8 @@ def build_report(trace: Trace, findings: list[Finding]) -> dict[str, Any]:
         "version": REPORT_VERSION,
         "program": trace.program,
         "internal_errors": trace.window.internal_errors,
+        "light": trace.light,
+        "watch": None if trace.watch is None else dataclasses.asdict(trace.watch),
         "iterations": trace.window.iterations,
         "window": {
             "iterations": trace.window.iterations,

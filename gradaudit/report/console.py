@@ -8,6 +8,7 @@ table whose text columns would be squeezed below a readable width is printed as 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -255,6 +256,45 @@ def _numerics(console: Console, report: dict[str, Any]) -> None:
     console.print(table)
 
 
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(series: list[float | str | None]) -> str:
+    """One bar per sample on a log scale from the series' smallest to largest norm; a space where there was none,
+    `!` where the norm was NaN or infinite (written "nan", "inf" in the report)."""
+    values = [None if v is None else float(v) for v in series]
+    finite = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    low, high = (math.log10(min(finite)), math.log10(max(finite))) if finite else (0.0, 0.0)
+    bars = []
+    for value in values:
+        if value is None:
+            bars.append(" ")
+        elif not math.isfinite(value):
+            bars.append("!")
+        elif value <= 0 or high == low:
+            bars.append(_BARS[0] if value <= 0 else _BARS[len(_BARS) // 2])
+        else:
+            bars.append(_BARS[round((math.log10(value) - low) / (high - low) * (len(_BARS) - 1))])
+    return "".join(bars)
+
+
+def _watch(console: Console, watch: dict[str, Any]) -> None:
+    iterations = watch["iterations"]
+    if not iterations:
+        return
+    console.print(
+        Text(
+            f"gradient norm per group over the run ({len(iterations)} samples, iterations {iterations[0]}–"
+            f"{iterations[-1]}, one light sample every {watch['every']}; log scale):"
+        )
+    )
+    width = max(len(group) for group in watch["group_norms"]) if watch["group_norms"] else 0
+    for group, series in watch["group_norms"].items():
+        finite = [float(v) for v in series if v is not None and math.isfinite(float(v))]
+        span = f"  {min(finite):.3g} … {max(finite):.3g}" if finite else ""
+        console.print(_text(f"  {group.ljust(width)}  {sparkline(series)}{span}"))
+
+
 def render(report: dict[str, Any], stream: TextIO, width: int | None = None) -> None:
     """Prints the report at `width` columns (default: the terminal's, or $COLUMNS, or 80)."""
     console = Console(file=stream, width=width, highlight=False, emoji=False)
@@ -266,6 +306,10 @@ def render(report: dict[str, Any], stream: TextIO, width: int | None = None) -> 
             _text(f" — {window['note']}" if window["note"] else ""),
         )
     )
+    if report.get("light"):
+        console.print(
+            Text("light mode: lifecycle and reachability only (no op provenance, term gradients, chains, numerics)")
+        )
     internal_errors = report["internal_errors"]
     if internal_errors:
         console.print(
@@ -278,6 +322,8 @@ def render(report: dict[str, Any], stream: TextIO, width: int | None = None) -> 
     else:
         console.print(Text("no findings", "green"))
     _groups(console, report)
+    if report.get("watch"):
+        _watch(console, report["watch"])
     if report["chains"]:
         _chains(console, report)
     for entry in report["matrix"]:

@@ -12,6 +12,8 @@ from gradaudit.trace import Backward, NonFiniteOrigin, Trace
 def _loss_finding(trace: Trace, backward: Backward, origin: NonFiniteOrigin | None) -> Finding:
     message = f"the loss of {backward_text(trace, backward.index)} is NaN or infinite"
     if origin is None:
+        if trace.light:
+            message += " (light mode did not trace the op that produced it: audit without --light to find it)"
         return RULE.finding("loss", message, backward.location)
     kind = {"nan": "NaN", "inf": "Inf"}.get(origin.kind, origin.kind)
     expression = f" in `{origin.expression}`" if origin.expression else ""

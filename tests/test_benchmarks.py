@@ -1,0 +1,17 @@
+"""benchmarks/run.py runs (a smoke run at tiny sizes: its figures are not checked, timing is no test)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).parents[1] / "benchmarks" / "run.py"
+
+
+def test_benchmark_prints_a_ratio_per_mode_for_the_workload():
+    command = [sys.executable, str(RUN), "--quick", "--only", "actor-critic"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    table = result.stdout.split("ratios to the plain step")[1].splitlines()
+    header, row = table[1], table[2]
+    assert "light cpu/wall" in header and "full cpu/wall" in header and "detect_anomaly cpu/wall" in header
+    assert row.startswith("actor-critic MLP") and row.count("x /") == 3
+    assert "install" in result.stdout
