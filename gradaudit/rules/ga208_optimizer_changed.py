@@ -5,18 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gradaudit.findings import Declarations, Finding, Rule, Severity
-from gradaudit.rules.regressions import against_baseline, group_location
+from gradaudit.rules.regressions import group_location, group_pairs
 from gradaudit.trace import Trace
 
 
 def check(trace: Trace, options: Mapping[str, float], declarations: Declarations) -> list[Finding]:
-    compared = against_baseline(trace, declarations)
-    if compared is None:
-        return []
-    before, now = compared
     findings = []
-    for group, old in sorted(before.groups.items()):
-        new = now.groups.get(group)
+    for group, old, new in group_pairs(trace, declarations):
         if not old.optimizers or new is None or new.optimizers == old.optimizers:
             continue
         message = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gradaudit.findings import Declarations, Finding, Rule, Severity
-from gradaudit.rules.regressions import against_baseline, group_location
+from gradaudit.rules.regressions import group_location, group_pairs
 from gradaudit.trace import Trace
 
 _ROUNDING = 1.005
@@ -13,14 +13,9 @@ _ROUNDING = 1.005
 
 
 def check(trace: Trace, options: Mapping[str, float], declarations: Declarations) -> list[Finding]:
-    compared = against_baseline(trace, declarations)
-    if compared is None:
-        return []
-    before, now = compared
     factor = options["factor"]
     findings = []
-    for group, old in sorted(before.groups.items()):
-        new = now.groups.get(group)
+    for group, old, new in group_pairs(trace, declarations):
         if new is None or not old.grad_norm or not new.grad_norm:
             continue
         ratio = new.grad_norm / old.grad_norm

@@ -4,7 +4,7 @@ baseline's, and where a group's gradient shows up in the code."""
 from __future__ import annotations
 
 from gradaudit.findings import Declarations
-from gradaudit.gate import Stats, trace_stats
+from gradaudit.gate import GroupStats, Stats, trace_stats
 from gradaudit.rules.flow import first_location
 from gradaudit.trace import Location, Trace
 
@@ -14,6 +14,15 @@ def against_baseline(trace: Trace, declarations: Declarations) -> tuple[Stats, S
     if declarations.baseline is None:
         return None
     return declarations.baseline, trace_stats(trace)
+
+
+def group_pairs(trace: Trace, declarations: Declarations) -> list[tuple[str, GroupStats, GroupStats | None]]:
+    """Each group of the baseline, sorted: (name, its baseline statistics, this run's or None); [] without one."""
+    compared = against_baseline(trace, declarations)
+    if compared is None:
+        return []
+    before, now = compared
+    return [(group, old, now.groups.get(group)) for group, old in sorted(before.groups.items())]
 
 
 def group_location(trace: Trace, group: str) -> Location | None:
