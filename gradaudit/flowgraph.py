@@ -88,7 +88,10 @@ class _GraphBuilder:
         self.edges: dict[tuple[str, str, str], FlowEdge] = {}
 
     def group(self, group: str) -> str:
-        node = self.nodes.setdefault(group_node_id(group), _group_node(self.trace, group))
+        node_id = group_node_id(group)
+        if node_id in self.nodes:
+            return node_id
+        node = self.nodes[node_id] = _group_node(self.trace, group)
         for index in sorted({i for p in self.trace.groups().get(group, []) for i in p.owners}):
             optimizer = self.trace.optimizers[index]
             target = self.nodes.setdefault(optimizer_node_id(optimizer), _optimizer_node(optimizer)).id

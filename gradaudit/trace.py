@@ -394,12 +394,18 @@ class Trace:
     watch: Watch | None = None
 
     def parameter(self, name: str) -> Parameter:
-        return self._parameters_by_name()[name]
+        return self._parameters_by_name[name]
 
+    @functools.cached_property
     def _parameters_by_name(self) -> dict[str, Parameter]:
+        """Kept: a Trace is not changed once built, and rules look parameters up by name for each finding."""
         return {p.name: p for p in self.parameters}
 
     def groups(self) -> dict[str, list[Parameter]]:
+        return self._groups
+
+    @functools.cached_property
+    def _groups(self) -> dict[str, list[Parameter]]:
         grouped: dict[str, list[Parameter]] = {}
         for p in self.parameters:
             grouped.setdefault(p.group, []).append(p)

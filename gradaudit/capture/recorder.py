@@ -1431,11 +1431,14 @@ class Recorder:
     def _final_names(self) -> dict[int, str]:
         names: dict[int, str] = {}
         taken: set[str] = set()
+        last_suffix: dict[str, int] = {}  # where to go on numbering a base: 10,000 unnamed tensors share one base
         for pid, p in self.params.items():
             base = p.name or p.creation_name or self._fallback_name(p)
-            name, n = base, 2
+            name, n = base, last_suffix.get(base, 1)
             while name in taken:
-                name, n = f"{base}#{n}", n + 1
+                n += 1
+                name = f"{base}#{n}"
+            last_suffix[base] = n
             taken.add(name)
             names[pid] = name
         return names
