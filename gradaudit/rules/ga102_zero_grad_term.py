@@ -19,7 +19,8 @@ def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
                 seen.setdefault((term.name, term.location), []).append(term)
     findings = []
     for (name, location), terms in seen.items():
-        if (name, location) in unmeasured or any(norm > 0 for term in terms for norm in term.grad_norms.values()):
+        # `!= 0`: a NaN gradient is not a zero one (non-finite gradients are GA305's)
+        if (name, location) in unmeasured or any(norm != 0 for term in terms for norm in term.grad_norms.values()):
             continue
         times = f"in all {len(terms)} backward passes" if len(terms) > 1 else "in the one backward pass"
         if any(term.coefficient == 0 for term in terms):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,9 +38,11 @@ def dominance(backward: Backward, term: Term, stepped: set[str]) -> Dominance | 
     """
     best: Dominance | None = None
     for group, norm in term.grad_norms.items():
-        if norm <= 0 or group not in stepped:
+        if not 0 < norm < math.inf or group not in stepped:
             continue
         rivals = [(other.grad_norms.get(group, 0.0), other.name) for other in backward.terms if other is not term]
+        if not all(math.isfinite(rival) for rival, _ in rivals):
+            continue  # a ratio to a NaN or infinite gradient says nothing: non-finite gradients are GA305's
         strong_norm, strong = max(rivals, default=(0.0, ""))
         ratio = strong_norm / norm
         if best is None or ratio < best.ratio:

@@ -33,3 +33,13 @@ def test_term_not_measured_in_some_pass_is_not_reported():
     skipped = backward(1, grads_skipped="a backward through it runs a gradient hook at train.py:9")
     trace = Trace("t.py", Window(2, "iterations"), backwards=[measured_zero, skipped])
     assert ga102_zero_grad_term.RULE.run(trace) == []
+
+
+def test_term_with_a_nan_gradient_is_not_called_zero():
+    from gradaudit.rules import ga102_zero_grad_term
+    from gradaudit.trace import Backward, Location, Term, Trace, Window
+
+    where = Location("train.py", 12, "update")
+    term = Term("log_barrier", where, False, ["policy"], grad_norms={"policy": float("nan")})
+    backward = Backward(0, Location("train.py", 14), True, False, [term], ["policy"])
+    assert ga102_zero_grad_term.RULE.run(Trace("t.py", Window(1, "iterations"), backwards=[backward])) == []

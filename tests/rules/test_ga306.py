@@ -143,3 +143,11 @@ def test_term_whose_gradient_was_not_measured_is_never_reported():
         for i in range(3)
     ]
     assert DOMINANCE.run(trace_with(*passes)) == []
+
+
+def test_non_finite_gradients_are_left_to_ga305():
+    for bc, q in ((float("nan"), 1e-4), (float("inf"), 1e-4), (1.0, float("nan"))):
+        trace = trace_with(backward(0, {"actor": bc}, {"actor": q}))
+        assert DOMINANCE.run(trace) == [], (bc, q)
+    (finding,) = DOMINANCE.run(trace_with(backward(0, {"actor": 1.0}, {"actor": 1e-4})))  # the finite twin
+    assert finding.subject == "alpha * q_loss"
