@@ -9,10 +9,10 @@ A baseline (`--update-baseline`) is small, sorted JSON that diffs well in review
  "terms": {"vae_loss": {"grad_norm": 0.0629}}}
 ```
 
-A finding is matched by its fingerprint: rule, subject, file and the whitespace-normalised source text of its line,
-read when gradaudit runs, so moving code or editing unrelated lines keeps it known. `grad_norm` is the median
-over the window's backward passes (3 significant digits); the regression rules (GA103, GA207, GA208, GA307)
-compare a run against them.
+A finding is matched by its fingerprint: rule, subject, file (its path from the project root, so that the gate can
+run from any folder) and the whitespace-normalised source text of its line, read when gradaudit runs, so moving
+code or editing unrelated lines keeps it known. `grad_norm` is the median over the window's backward passes
+(3 significant digits); the regression rules (GA103, GA207, GA208, GA307) compare a run against them.
 """
 
 from __future__ import annotations
@@ -138,8 +138,24 @@ def source_text(file: str, line: int) -> str:
     return " ".join(linecache.getline(os.path.abspath(file), line).split())
 
 
+_PROJECT_MARKERS = (".git", "pyproject.toml", "setup.cfg", "setup.py")
+
+
+def project_path(file: str) -> str:
+    """The file's path from the root of the project holding it (the nearest folder above it with a `.git` or
+    `pyproject.toml`), so that a baseline matches wherever the gate is run from; the path as given when the file is
+    not found (an installed package's `stable_baselines3/ppo/ppo.py`) or belongs to no project."""
+    absolute = Path(os.path.abspath(file))
+    if not absolute.is_file():
+        return file
+    for folder in absolute.parents:
+        if any((folder / marker).exists() for marker in _PROJECT_MARKERS):
+            return absolute.relative_to(folder).as_posix()
+    return file
+
+
 def fingerprint(rule: str, subject: str, location: Location | None) -> LockedFinding:
-    file, text = ("", "") if location is None else (location.file, source_text(location.file, location.line))
+    file, text = ("", "") if location is None else (project_path(location.file), source_text(location.file, location.line))
     digest = hashlib.sha256("\x1f".join((rule, subject, file, text)).encode()).hexdigest()[:16]
     return LockedFinding(digest, rule, subject, file, text)
 

@@ -148,3 +148,14 @@ def test_missing_baseline_is_exit_2_before_the_program_runs(project):
     result = gradaudit("run", "no_such_script.py", "--baseline", "absent.json")
     assert result.exit_code == 2 and "no baseline at absent.json" in result.output
     assert gradaudit("run", SCRIPT, "--update-baseline").exit_code == 2
+
+
+def test_baseline_matches_when_the_gate_runs_from_another_folder(project, monkeypatch):
+    """Fingerprints hold the file's path from the project root, not from wherever the gate was started."""
+    (project / "pyproject.toml").write_text("[project]\nname = 'trainer'\n")
+    assert gradaudit("run", SCRIPT, "-q", "--baseline", "baseline.json", "--update-baseline").exit_code == 0
+    (project / "jobs").mkdir()
+    monkeypatch.chdir(project / "jobs")
+    result = gradaudit("run", f"../{SCRIPT}", "--baseline", "../baseline.json")
+    assert result.exit_code == 0, result.output
+    assert "0 new, 1 known, 0 fixed" in result.output
