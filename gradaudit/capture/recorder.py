@@ -417,6 +417,8 @@ class Recorder:
         self._in_backward = False
         self._installed = False
         self._mode_on_stack = False
+        self._mode_shelved = False
+        self._module_hooks: list[Any] = []
         self._pid = 0
         self._thread = 0
         self._undo: list[Callable[[], None]] = []
@@ -443,17 +445,28 @@ class Recorder:
         self._patch(torch.autograd, "grad", functools.partial(self._wrap_backward, accumulates=False))
         self._patch(torch.optim.Optimizer, "zero_grad", self._wrap_zero_grad)
         self._patch(torch.optim.Optimizer, "__init__", self._wrap_optimizer_init)
-        for register, hook, options in (
-            (optimizer_module.register_optimizer_step_pre_hook, self._before_step, {}),
-            (optimizer_module.register_optimizer_step_post_hook, self._after_step, {}),
-            (nn.modules.module.register_module_forward_pre_hook, self._before_forward, {}),
-            (nn.modules.module.register_module_forward_hook, self._after_forward, {"always_call": True}),
+        for register, hook in (
+            (optimizer_module.register_optimizer_step_pre_hook, self._before_step),
+            (optimizer_module.register_optimizer_step_post_hook, self._after_step),
         ):
-            self._undo.append(register(hook, **options).remove)
+            self._undo.append(register(hook).remove)
+        self._hook_modules()
+        self._undo.append(self._unhook_modules)
         self._undo.append(_hide_compiled_module_warning())
         if not self.light:
             self.mode.__enter__()
             self._mode_on_stack = True
+
+    def _hook_modules(self) -> None:
+        if not self._module_hooks:
+            self._module_hooks = [
+                nn.modules.module.register_module_forward_pre_hook(self._before_forward),
+                nn.modules.module.register_module_forward_hook(self._after_forward, always_call=True),
+            ]
+
+    def _unhook_modules(self) -> None:
+        while self._module_hooks:
+            self._module_hooks.pop().remove()
 
     @_guarded
     def _adopt_live_optimizers(self) -> None:
@@ -634,7 +647,7 @@ class Recorder:
             return
         if not self._recording():
             return
-        self._depth -= 1
+        self._depth = max(self._depth - 1, 0)  # watching: a sample may start inside a call (hooked after it began)
         self._leave_module(module, args, output)
 
     @_guarded
@@ -921,6 +934,7 @@ class Recorder:
         else:
             self._idle = True
             self.mode.paused = self._paused_before_step = True
+            self._withdraw()
 
     def _reset_sample(self) -> None:
         """Forgets what the closed sample recorded; names, modules and optimizers stay known."""
@@ -949,12 +963,31 @@ class Recorder:
             self._start_sample()
 
     def _start_sample(self) -> None:
-        """The next iteration is audited: in full after a warning sign (when provenance is installed), else light."""
+        """The next iteration is audited: in full after a warning sign (when provenance can be had), else light."""
+        self._return(provenance=self._next_full)
         self.light = not (self._next_full and self._mode_on_stack)
         self.term_grads = self._term_grads_wanted and not self.light
         self.mode.paused = self._paused_before_step = self.light
         self._idle = self._next_full = False
         self.pacer.sample_started()
+
+    def _withdraw(self) -> None:
+        """Watching, between samples: the module hooks and the provenance mode come off, where even idle they would
+        cost every module call the slow path of `Module.__call__` and every torch call a Python dispatch (together
+        a third more time on small steps). The mode only when it is the only one on the stack: a mode the program
+        entered since must find the stack as it left it."""
+        self._unhook_modules()
+        if self._mode_on_stack and list(torch.overrides._get_current_function_mode_stack()) == [self.mode]:
+            torch.overrides._pop_mode()
+            self._mode_on_stack, self._mode_shelved = False, True
+
+    def _return(self, provenance: bool) -> None:
+        """A sample starts: the module hooks come back, and the mode for a full audit when the stack is empty (else
+        the audit stays light)."""
+        self._hook_modules()
+        if provenance and self._mode_shelved and not torch.overrides._get_current_function_mode_stack():
+            self.mode.__enter__()
+            self._mode_on_stack, self._mode_shelved = True, False
 
     def _check_idle_loss(self, roots: Any) -> None:
         """While idle, every backward's loss is still checked for NaN/Inf (a full audit follows at once)."""
