@@ -450,19 +450,19 @@ class Recorder:
             (optimizer_module.register_optimizer_step_post_hook, self._after_step),
         ):
             self._undo.append(register(hook).remove)
-        self._hook_modules()
         self._undo.append(self._unhook_modules)
+        self._hook_modules()
         self._undo.append(_hide_compiled_module_warning())
         if not self.light:
             self.mode.__enter__()
             self._mode_on_stack = True
 
     def _hook_modules(self) -> None:
-        if not self._module_hooks:
-            self._module_hooks = [
-                nn.modules.module.register_module_forward_pre_hook(self._before_forward),
-                nn.modules.module.register_module_forward_hook(self._after_forward, always_call=True),
-            ]
+        if not self._module_hooks:  # one at a time: a failed install removes those made
+            self._module_hooks.append(nn.modules.module.register_module_forward_pre_hook(self._before_forward))
+            self._module_hooks.append(
+                nn.modules.module.register_module_forward_hook(self._after_forward, always_call=True)
+            )
 
     def _unhook_modules(self) -> None:
         while self._module_hooks:
