@@ -230,7 +230,12 @@ def run(
     watch: Annotated[
         bool, typer.Option("--watch", help="run to the end: audit the window, then one iteration in every --every")
     ] = False,
-    every: Annotated[int, typer.Option("--every", min=1, help="with --watch: iterations per light sample")] = 20,
+    every: Annotated[
+        int | None,
+        typer.Option(
+            "--every", min=1, help="with --watch: iterations per light sample (default: chosen so they add <= 10%)"
+        ),
+    ] = None,
     max_nodes: Annotated[
         int | None, typer.Option("--max-nodes", min=1, help="autograd nodes walked per backward (default 2,000,000)")
     ] = None,
@@ -286,11 +291,13 @@ def run(
         program, as_module = target, False
     else:
         fail("name a script (gradaudit run train.py) or a module (gradaudit run -m package.module)")
+    if every is not None and not watch:
+        fail("--every sets the pace of --watch: add --watch")
     audit = Audit(
         iterations=config.iterations,
         term_grads=term_grads,
         light=light,
-        watch_every=every if watch else None,
+        watch=(every or True) if watch else False,
         **({} if max_nodes is None else {"max_nodes": max_nodes}),
         max_terms=MAX_TERMS if max_terms is None else max_terms,
         select=config.select,

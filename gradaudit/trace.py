@@ -359,15 +359,28 @@ class Window:
 
 @dataclass
 class Watch:
-    """Whole-run watching: one audited sample every `every` iterations, and each group's gradient norm in each."""
+    """Whole-run watching: the first window in full, then one light sample every `every` iterations (a full one after
+    a warning sign), and each group's gradient norm in each sample."""
 
     every: int
+    """Iterations from one light sample to the next (the latest chosen, when `automatic`)."""
+    automatic: bool = False
+    """`every` chosen as the run went, so that light samples add at most `budget` to the plain iterations' time."""
+    budget: float = 0.1
     iterations: list[int] = field(default_factory=list)
     """The first iteration (from 1) of each sample."""
     full: list[bool] = field(default_factory=list)
     """Whether each sample was a full audit (else light)."""
+    every_per_sample: list[int] = field(default_factory=list)
+    """The `every` in force when each sample was taken (the next light sample came that many iterations later)."""
     group_norms: dict[str, list[float | None]] = field(default_factory=dict)
     """Per group, its gradient norm in each sample (None: it received none)."""
+    iteration_seconds: float | None = None
+    """Mean wall time of an unaudited iteration (the program's own time between two of its steps)."""
+    sample_seconds: float | None = None
+    """Mean wall time a light sample added to its iteration (recording, the trace and the rules)."""
+    cost: float | None = None
+    """Estimated time of the run with light samples every `every` over its time without them (1.05: 5 % more)."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 
@@ -10,9 +11,12 @@ import torch
 
 from gradaudit.capture.graph import MAX_TERMS, MAX_WALK_NODES
 from gradaudit.capture.recorder import InstallError, Recorder, StopAudit, group_norms
+from gradaudit.capture.watching import FIRST_GAP
+from gradaudit.config import Config
 from gradaudit.findings import Declarations, Finding
 from gradaudit.flowgraph import build_flow_graphs
 from gradaudit.rules import known_patterns, options_by_rule, run_rules
+from gradaudit.rules.ga301_exploding_chain import exploding
 from gradaudit.trace import RAW_GRAPH_CAP, Trace, Watch
 
 __all__ = ["Audit", "InstallError", "StopAudit"]
@@ -31,7 +35,10 @@ class Audit:
     `light` keeps lifecycle, membership and reachability and skips op provenance, per-term gradients, chains and
     numerics (`Recorder.light`).
     `max_nodes` caps the autograd nodes walked per backward (beyond it the graph is unknown, and the report says so).
-    `watch_every` (CLI mode, with `iterations`) watches the whole run instead of stopping it (`Recorder.watch_every`).
+    `watch` lets the program run to its end instead of stopping it after the window (`iterations`, default 3): the
+    window is audited in full, then one iteration in every K light (`watch=True`: K chosen as the run goes so that
+    the samples add at most 10 % to its time; `watch=K`: fixed), and the iteration after a warning sign in full
+    (`Recorder.watch`). Findings then carry the iteration they first appeared in and how often they recurred.
     """
 
     def __init__(
@@ -50,14 +57,19 @@ class Audit:
         declarations: Callable[[Trace], Declarations] | None = None,
         light: bool = False,
         max_nodes: int = MAX_WALK_NODES,
-        watch_every: int | None = None,
+        watch: bool | int = False,
     ) -> None:
+        if watch is not True and watch is not False and watch < 1:
+            raise ValueError(f"watch=K needs K >= 1 (iterations from one light sample to the next), got {watch}")
+        if watch is not False and iterations is None:
+            iterations = Config.iterations
+        self.watch = None if watch is False else Watch(FIRST_GAP, automatic=True) if watch is True else Watch(watch)
         self.program, self.arguments = program, list(arguments)
         self.declarations = declarations
         """Contracts and baseline statistics for the declared rules (GA4xx, baseline regressions), made per trace."""
         self.select, self.ignore = known_patterns("select", list(select)), known_patterns("ignore", list(ignore))
         self.options = options or {}
-        options_by_rule(self.options)  # a misspelt rule or threshold fails here, before the program runs
+        chain_options = options_by_rule(self.options)["GA301"]  # a misspelt rule or threshold fails here, at once
         self.recorder = Recorder(
             iterations=iterations,
             term_grads=term_grads,
@@ -65,7 +77,7 @@ class Audit:
             max_terms=max_terms,
             light=light,
             max_nodes=max_nodes,
-            watch_every=watch_every,
+            watch=self.watch,
         )
         self.recorder.raw_graphs.cap = raw_graph_cap if raw_graph else 0
         self.trace: Trace | None = None
@@ -74,8 +86,10 @@ class Audit:
         """Watching: the Trace of the first window (a full audit), which the report details."""
         self.watched: dict[tuple, Finding] = {}
         """Watching: each finding seen in any sample, with its first iteration and its count."""
-        self.watch = Watch(watch_every) if watch_every is not None else None
-        if watch_every is not None:
+        self._cut_sample_collected = False
+        """Watching: the sample the program's end cut short is collected once (the report may be finished twice)."""
+        self.recorder.chain_probe.exploding = functools.partial(exploding, options=chain_options)
+        if self.watch is not None:
             self.recorder.on_sample = self._collect_sample
 
     def __enter__(self) -> Audit:
@@ -112,6 +126,7 @@ class Audit:
             series.append(norms.get(group))
         self.watch.iterations.append(first_iteration)
         self.watch.full.append(not trace.light)
+        self.watch.every_per_sample.append(self.watch.every)
 
     def finish(self, stopped_by: str | None = None, note: str = "") -> None:
         if self.watch is not None:
@@ -127,7 +142,8 @@ class Audit:
         """The report of a watched run: the first window's trace, every sample's findings, the norm history. A
         sample cut short (the program ended, Ctrl-C) counts as gathered so far."""
         recorder = self.recorder
-        if recorder.backwards:
+        if recorder.backwards and not self._cut_sample_collected:
+            self._cut_sample_collected = True
             self._collect_sample(recorder.build_trace(self.program), recorder.iterations_before_sample + 1)
         trace = self.first_sample or recorder.build_trace(self.program)
         trace.program = self.program

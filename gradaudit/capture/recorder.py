@@ -61,6 +61,7 @@ from gradaudit.capture.source import (
     package_path,
     user_frame,
 )
+from gradaudit.capture.watching import ChainProbe, Pace
 from gradaudit.trace import (
     Backward,
     Break,
@@ -75,6 +76,7 @@ from gradaudit.trace import (
     RegressionTarget,
     Term,
     Trace,
+    Watch,
     Window,
 )
 
@@ -263,6 +265,18 @@ def group_norms(trace: Trace) -> dict[str, float]:
     return {group: math.sqrt(total) for group, total in totals.items()}
 
 
+def _both(first: Callable[[], None] | None, second: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One callable that calls both (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def call() -> None:
+        first()
+        second()
+
+    return call
+
+
 def _class_name(obj: object) -> str:
     """What names an object nothing in the program names: its class (`ActorCriticPolicy`)."""
     return type(obj).__name__
@@ -326,14 +340,15 @@ class Recorder:
         max_terms: int = MAX_TERMS,
         light: bool = False,
         max_nodes: int = MAX_WALK_NODES,
-        watch_every: int | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.iterations_wanted = iterations
         self.max_nodes = max_nodes
-        self.watch_every = watch_every
-        """Whole-run watching (CLI mode): the window is audited in full, then one iteration in `watch_every` in light
-        mode, and the iteration after a non-finite loss or gradient, or a gradient-norm jump, in full. Each audited
-        stretch (a sample) ends in a Trace handed to `on_sample`; the program is never stopped."""
+        self.watch = watch
+        """Whole-run watching (CLI mode): the window is audited in full, then one iteration in `watch.every` in light
+        mode (`Pace` sets it), and the iteration after a warning sign in full: a non-finite loss or gradient, a
+        gradient-norm jump, or a chain whose amplification grew (`ChainProbe`). Each audited stretch (a sample)
+        ends in a Trace handed to `on_sample`; the program is never stopped."""
         self.on_sample: Callable[[Trace, int], None] | None = None
         """Called with each sample's Trace and the number (from 1) of its first iteration."""
         self.iterations_before_sample = 0
@@ -347,6 +362,9 @@ class Recorder:
         self._pace: int | None = None
         """Watching: the optimizer whose step ended the last sample; its steps count the idle iterations."""
         """None: the window is the `with` block (API mode), which may use optimizers created before it."""
+        self.pacer = None if watch is None else Pace(watch)
+        self._next_sample_at = 0
+        """Watching: the iteration (from 1) the next light sample starts at."""
         self.light = light
         """Lifecycle, membership and reachability only: no op provenance (the mode is never entered), no per-term
         gradients, no chain hooks, no numerics. Loss terms are split by the graph alone."""
@@ -370,6 +388,7 @@ class Recorder:
         self.regression_targets: list[tuple[Any, list[int], list[int]]] = []
         """(call, parameters the target reaches, parameters the prediction reaches)."""
         self.chain_tracker = ChainTracker(self.mode)
+        self.chain_probe = ChainProbe(self.mode)
         self.raw_graphs = RawGraphRecorder()
         self.measured: list[tuple[Measured, int, list[int]]] = []
         """(clamp or exp, the backward whose graph holds it, the parameters behind a clamp)."""
@@ -398,6 +417,8 @@ class Recorder:
         self._in_backward = False
         self._installed = False
         self._mode_on_stack = False
+        self._mode_shelved = False
+        self._module_hooks: list[Any] = []
         self._pid = 0
         self._thread = 0
         self._undo: list[Callable[[], None]] = []
@@ -424,17 +445,28 @@ class Recorder:
         self._patch(torch.autograd, "grad", functools.partial(self._wrap_backward, accumulates=False))
         self._patch(torch.optim.Optimizer, "zero_grad", self._wrap_zero_grad)
         self._patch(torch.optim.Optimizer, "__init__", self._wrap_optimizer_init)
-        for register, hook, options in (
-            (optimizer_module.register_optimizer_step_pre_hook, self._before_step, {}),
-            (optimizer_module.register_optimizer_step_post_hook, self._after_step, {}),
-            (nn.modules.module.register_module_forward_pre_hook, self._before_forward, {}),
-            (nn.modules.module.register_module_forward_hook, self._after_forward, {"always_call": True}),
+        for register, hook in (
+            (optimizer_module.register_optimizer_step_pre_hook, self._before_step),
+            (optimizer_module.register_optimizer_step_post_hook, self._after_step),
         ):
-            self._undo.append(register(hook, **options).remove)
+            self._undo.append(register(hook).remove)
+        self._undo.append(self._unhook_modules)
+        self._hook_modules()
         self._undo.append(_hide_compiled_module_warning())
         if not self.light:
             self.mode.__enter__()
             self._mode_on_stack = True
+
+    def _hook_modules(self) -> None:
+        if not self._module_hooks:  # one at a time: a failed install removes those made
+            self._module_hooks.append(nn.modules.module.register_module_forward_pre_hook(self._before_forward))
+            self._module_hooks.append(
+                nn.modules.module.register_module_forward_hook(self._after_forward, always_call=True)
+            )
+
+    def _unhook_modules(self) -> None:
+        while self._module_hooks:
+            self._module_hooks.pop().remove()
 
     @_guarded
     def _adopt_live_optimizers(self) -> None:
@@ -476,7 +508,7 @@ class Recorder:
 
     def internal_errors_total(self) -> int:
         """Errors inside gradaudit's own hooks and op observation: a non-zero count means the audit is partial."""
-        return self.internal_errors + self.mode.errors
+        return self.internal_errors + self.mode.errors + self.chain_probe.errors
 
     # ---------------------------------------------------------------- who is audited
 
@@ -615,13 +647,14 @@ class Recorder:
             return
         if not self._recording():
             return
-        self._depth -= 1
+        self._depth = max(self._depth - 1, 0)  # watching: a sample may start inside a call (hooked after it began)
         self._leave_module(module, args, output)
 
     @_guarded
     def _leave_module(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self.light:
             self.chain_tracker.leave(args, output)
+        self.chain_probe.leave(module, output)
         if module._backward_hooks or nn.modules.module._global_backward_hooks:
             with self.mode.quiet():
                 for tensor in _output_tensors(output):
@@ -777,7 +810,8 @@ class Recorder:
             self._end_iteration()
             if self._window_done:
                 self._raise_stop()
-        self._stepped_this_iteration.add(record.index)
+        if not self._idle:  # watching: a sample closed just now, and this step belongs to the idle iteration after it
+            self._stepped_this_iteration.add(record.index)
         return self._observed_closure(optimizer, args, kwargs)
 
     @_guarded
@@ -845,11 +879,11 @@ class Recorder:
         wanted = self.iterations_wanted
         if wanted is None or self._window_done or self._idle:
             return
-        if self.watch_every is not None and self.iterations_before_sample and self.iterations >= 1:
+        if self.watch is not None and self.iterations_before_sample and self.iterations >= 1:
             self._close_sample()
             return
         self._decide_window(wanted)
-        if self.watch_every is not None and self._window_done:
+        if self.watch is not None and self._window_done:
             self._close_sample()
 
     def _decide_window(self, wanted: int) -> None:
@@ -869,7 +903,8 @@ class Recorder:
     # ---------------------------------------------------------------- whole-run watching
 
     def _close_sample(self) -> None:
-        """Hands the sample's Trace over, decides whether the next sample is a full audit, and goes idle."""
+        """Hands the sample's Trace over, decides whether the next sample is a full audit and when the next light
+        one is due (its cost counted up to here: the trace is built and the rules run), and goes idle."""
         trace = self.build_trace("")
         norms = group_norms(trace)
         jumped = any(
@@ -880,19 +915,26 @@ class Recorder:
         nonfinite = any(not b.loss_finite for b in trace.backwards) or any(
             e.kind == "accumulate" and not e.finite for e in trace.events
         )
-        self._next_full = jumped or (nonfinite and not self._was_nonfinite)  # a NaN that stays: light samples on
+        if not trace.light:
+            self.chain_probe.learn([chain.module for chain in self.chain_tracker.chains])
+        chain_warns = self.chain_probe.warns(full=not trace.light)
+        # a full audit answers the signs it saw itself; a NaN that stays gets light samples from then on
+        self._next_full = trace.light and (jumped or chain_warns or (nonfinite and not self._was_nonfinite))
         self._was_nonfinite = nonfinite
         self._pace = self._last_stepper
         self._last_group_norms = norms or self._last_group_norms
+        first = self.iterations_before_sample + 1
         if self.on_sample is not None:
-            self.on_sample(trace, self.iterations_before_sample + 1)
+            self.on_sample(trace, first)
         self.iterations_before_sample += max(self.iterations, 1)
+        self._next_sample_at = first + self.pacer.sample_ended(light=trace.light)
         self._reset_sample()
         if self._next_full:
             self._start_sample()
         else:
             self._idle = True
             self.mode.paused = self._paused_before_step = True
+            self._withdraw()
 
     def _reset_sample(self) -> None:
         """Forgets what the closed sample recorded; names, modules and optimizers stay known."""
@@ -916,15 +958,36 @@ class Recorder:
         if record is None or record.index != self._pace:
             return
         self.iterations_before_sample += 1
-        if self._next_full or self.iterations_before_sample % self.watch_every == 0:
+        self.pacer.plain_iteration_ended()
+        if self._next_full or self.iterations_before_sample + 1 >= self._next_sample_at:
             self._start_sample()
 
     def _start_sample(self) -> None:
-        """The next iteration is audited: in full after a warning sign (when provenance is installed), else light."""
+        """The next iteration is audited: in full after a warning sign (when provenance can be had), else light."""
+        self._return(provenance=self._next_full)
         self.light = not (self._next_full and self._mode_on_stack)
         self.term_grads = self._term_grads_wanted and not self.light
         self.mode.paused = self._paused_before_step = self.light
         self._idle = self._next_full = False
+        self.pacer.sample_started()
+
+    def _withdraw(self) -> None:
+        """Watching, between samples: the module hooks and the provenance mode come off, where even idle they would
+        cost every module call the slow path of `Module.__call__` and every torch call a Python dispatch (together
+        a third more time on small steps). The mode only when it is the only one on the stack: a mode the program
+        entered since must find the stack as it left it."""
+        self._unhook_modules()
+        if self._mode_on_stack and list(torch.overrides._get_current_function_mode_stack()) == [self.mode]:
+            torch.overrides._pop_mode()
+            self._mode_on_stack, self._mode_shelved = False, True
+
+    def _return(self, provenance: bool) -> None:
+        """A sample starts: the module hooks come back, and the mode for a full audit when the stack is empty (else
+        the audit stays light)."""
+        self._hook_modules()
+        if provenance and self._mode_shelved and not torch.overrides._get_current_function_mode_stack():
+            self.mode.__enter__()
+            self._mode_on_stack, self._mode_shelved = True, False
 
     def _check_idle_loss(self, roots: Any) -> None:
         """While idle, every backward's loss is still checked for NaN/Inf (a full audit follows at once)."""
@@ -1094,6 +1157,9 @@ class Recorder:
             self._note_regression_targets(view)
             self._note_numerics(view, index, finite)
             handles, record_chains = ([], None) if self.light else self.chain_tracker.prepare(view, index)
+            probes, record_probes = self.chain_probe.prepare(view)
+            handles += probes
+            record_chains = _both(record_chains, record_probes)
         if not accumulates:
             return handles, [], record_chains
         contributions: list[tuple[_Param, list]] = []

@@ -26,9 +26,11 @@ Schema (version 2):
 - `iterations`, `window` {iterations, stopped_by, note}, `program`, `optimizers`
 - `internal_errors`: errors inside gradaudit's own hooks (each skipped one measurement): non-zero, the audit is partial
 - `light`: audited in light mode (no op provenance, term gradients, chains or numerics)
-- `watch` (whole-run watching, else null): {every, iterations [first iteration of each sample], full [whether each
-  sample was a full audit], group_norms {group: [norm or null per sample]}}; findings then carry `first_iteration`
-  and `occurrences` (samples it appeared in)
+- `watch` (whole-run watching, else null): {every [iterations per light sample, the latest when automatic],
+  automatic, budget [the share of the run's time light samples may add], iterations [first iteration of each
+  sample], full [whether each sample was a full audit], every_per_sample, group_norms {group: [norm or null per
+  sample]}, iteration_seconds, sample_seconds [mean plain iteration, mean time a light sample added], cost [estimated
+  watched over unwatched run time]}; findings then carry `first_iteration` and `occurrences` (samples it appeared in)
 
 Non-finite numbers are written as the strings "inf", "-inf" and "nan", so the JSON stays strictly valid.
 """

@@ -229,7 +229,9 @@ def _numerics(console: Console, report: dict[str, Any]) -> None:
         ]
         what = f"{_percent(clamp['saturated'])} of {clamp['elements']} elements at a bound ({', '.join(outside)})"
         if clamp["selected_dead"] is not None:
-            what += f"; the max/min at {_where(clamp['selected_by'])} selects {_percent(clamp['selected_dead'])} of them"
+            what += (
+                f"; the max/min at {_where(clamp['selected_by'])} selects {_percent(clamp['selected_dead'])} of them"
+            )
         rows.append((clamp["op"] + (" (gate)" if clamp["gate"] else ""), clamp["expression"], what, clamp["location"]))
     for exp in report["exps"]:
         what = (
@@ -278,16 +280,36 @@ def sparkline(series: list[float | str | None]) -> str:
     return "".join(bars)
 
 
+def _pace(watch: dict[str, Any]) -> str:
+    """`one light sample every 17 iterations (chosen so that they add at most 10 %: ...)`."""
+    every = watch["every"]
+    chosen = sorted(set(watch.get("every_per_sample", [])))
+    if watch.get("automatic"):
+        span = f", between {chosen[0]} and {chosen[-1]} during the run" if len(chosen) > 1 else ""
+        pace = (
+            f"one light sample every {every} iterations{span} (chosen so that they add at most {watch['budget']:.0%})"
+        )
+    else:
+        pace = f"one light sample every {every} iterations"
+    if watch.get("cost") is not None:
+        pace += (
+            f"; a light sample added {watch['sample_seconds'] * 1e3:.3g} ms to a "
+            f"{watch['iteration_seconds'] * 1e3:.3g} ms iteration: about {watch['cost']:.3g}x the unwatched run"
+        )
+    return pace
+
+
 def _watch(console: Console, watch: dict[str, Any]) -> None:
     iterations = watch["iterations"]
     if not iterations:
         return
     console.print(
         Text(
-            f"gradient norm per group over the run ({len(iterations)} samples, iterations {iterations[0]}–"
-            f"{iterations[-1]}, one light sample every {watch['every']}; log scale):"
+            f"gradient norm per group over the run ({len(iterations)} samples, {sum(watch['full'])} full, iterations "
+            f"{iterations[0]}–{iterations[-1]}; log scale):"
         )
     )
+    console.print(_text(f"  {_pace(watch)}"))
     width = max(len(group) for group in watch["group_norms"]) if watch["group_norms"] else 0
     for group, series in watch["group_norms"].items():
         finite = [float(v) for v in series if v is not None and math.isfinite(float(v))]

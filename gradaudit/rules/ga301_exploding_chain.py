@@ -5,22 +5,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gradaudit.findings import Finding, Rule, Severity
-from gradaudit.rules.chains import describe, long_enough, worst_chains
+from gradaudit.rules.chains import describe, worst_chains
 from gradaudit.trace import Chain, Trace
+
+
+def exploding(amplification: float | None, calls: int, options: Mapping[str, float]) -> bool:
+    """Whether a run of `calls` linked gradient-carrying calls that amplifies the gradient `amplification` times end
+    to end explodes (whole-run watching asks this of a cheap reading, to decide on a full audit)."""
+    if amplification is None:
+        return False
+    if amplification > options["max_amplification"]:
+        return True
+    return (
+        calls >= max(options["min_calls"], 2)
+        and amplification > 0
+        and amplification ** (1 / (calls - 1)) > options["max_step_amplification"]
+    )
 
 
 def check(trace: Trace, options: Mapping[str, float]) -> list[Finding]:
     def explodes(chain: Chain) -> bool:
-        amplification, per_step = chain.amplification(), chain.per_step()
-        if amplification is None:
-            return False
-        if amplification > options["max_amplification"]:
-            return True
-        return (
-            per_step is not None
-            and long_enough(chain, options["min_calls"])
-            and per_step > options["max_step_amplification"]
-        )
+        return exploding(chain.amplification(), len(chain.carried_run()), options)
 
     findings = []
     for verdict in worst_chains(trace, explodes, badness=lambda chain: chain.amplification() or 0.0):
