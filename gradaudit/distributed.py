@@ -122,7 +122,8 @@ class UnfinishedReduction:
     raises. Only without find_unused_parameters (which marks the parameters the outputs cannot reach itself) and
     without static_graph (which learns the unused ones in its first iteration). What the backwards reached adds up
     until every parameter is in; a later backward may still complete it, which the notice allows for. A backward
-    whose reach is unknown forgets what earlier ones reached: nothing is said that is not known."""
+    whose reach is unknown forgets what earlier ones reached: nothing is said that is not known. Forwards are not
+    seen here, so a backward that DDP ignores (one after it reduced and before its next forward) is counted."""
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -139,14 +140,14 @@ class UnfinishedReduction:
         now = set(reached) if waiting else set()
         for ddp, group in waiting:
             held = self._reducer_parameters(ddp)
-            hit = held.keys() & now
-            if not hit:
+            before = self.reached.pop(id(ddp), None)
+            if before is None and now.issuperset(held):
+                continue  # the usual backward: DDP reduced them all
+            so_far = (before or set()) | (now & held.keys())
+            if not so_far or len(so_far) == len(held):
                 continue
-            so_far = self.reached.setdefault(id(ddp), set())
-            so_far |= hit
-            if len(so_far) == len(held):
-                so_far.clear()  # DDP reduced them all
-            elif id(ddp) not in self.told:
+            self.reached[id(ddp)] = so_far
+            if id(ddp) not in self.told:
                 self.told.add(id(ddp))
                 missing = [self._name(pid, name, group) for pid, name in held.items() if pid not in so_far]
                 self._say(missing, len(held), group, location)

@@ -4,7 +4,6 @@ backward that leaves DistributedDataParallel's reduction unfinished is said on s
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 """--standalone: a rendezvous on a free port with a fresh run id (the name of the folder the ranks meet in)."""
 TIMEOUT_S = 180
+STOP_S = 60
+"""How long torchrun is given to end its ranks once stopped."""
 DDP_ERROR = "Expected to have finished reduction in the prior iteration"
 
 
@@ -32,7 +33,8 @@ def notice(where: str, ddp: str, rank: str = "") -> str:
 
 
 def launch(tmp_path: Path, command: list[str]) -> subprocess.CompletedProcess:
-    """Runs torchrun in a process group of its own: on a timeout its ranks are killed with it, none left behind."""
+    """Runs torchrun; on a timeout or an interrupt it is stopped with SIGTERM, on which it ends its ranks (each runs
+    in a session of its own: killing torchrun alone would leave them running)."""
     environment = {
         **os.environ,
         "PYTHONPATH": str(FIXTURES.parent.parent),  # the gradaudit under test, whatever the working folder
@@ -40,21 +42,26 @@ def launch(tmp_path: Path, command: list[str]) -> subprocess.CompletedProcess:
         "TMPDIR": str(tmp_path),
     }
     process = subprocess.Popen(
-        command,
-        cwd=FIXTURES,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment,
-        start_new_session=True,
+        command, cwd=FIXTURES, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
     )
     try:
         stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+        stdout, stderr = stop(process)
         pytest.fail(f"torchrun did not end within {TIMEOUT_S} s\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    except BaseException:
+        stop(process)
+        raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def stop(process: subprocess.Popen) -> tuple[str, str]:
+    process.terminate()
+    try:
+        return process.communicate(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()
 
 
 def torchrun(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
