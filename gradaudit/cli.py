@@ -18,7 +18,7 @@ from rich.table import Table
 
 from gradaudit import gate
 from gradaudit.config import Config, ConfigError, load_config, parse_option
-from gradaudit.distributed import current_ranks, merged, share
+from gradaudit.distributed import alone, current_ranks, merged, share
 from gradaudit.findings import Declarations, Finding, Severity
 from gradaudit.report import build_report, json_report, sarif
 from gradaudit.report import console as console_report
@@ -364,6 +364,7 @@ def report_outcome(audit: Audit, outcome: Outcome, outputs: Outputs) -> int:
             warn(f"no findings arrived from rank(s) {', '.join(map(str, missing))}: reported are those of the others")
     elif ranks is not None:
         warn(f"rank {ranks.rank} failed: its own findings follow")
+        findings = alone(ranks, findings)
     code = emit(audit.trace, findings, outputs)
     return outcome.status or code
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gradaudit.capture import Audit, StopAudit
+from gradaudit.distributed import UnfinishedReduction
 
 _GRADAUDIT_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -196,6 +197,7 @@ def run_program(audit: Audit, target: str, args: list[str], as_module: bool, con
             sys.path.insert(0, os.getcwd())  # before the check, as `python -m` finds local packages
         check_target(target, as_module)
         os._exit = _hard_exit(audit, conclude)
+        audit.recorder.on_backward = UnfinishedReduction(audit.recorder)
         with _stack_for_deep_graphs(), audit:
             try:
                 if as_module:

@@ -403,6 +403,9 @@ class Recorder:
         """The program caught the StopAudit raised at the end of the window and went on, unaudited."""
         self.foreign_backwards = 0
         """Backward calls made in other threads of the audited process (not recorded)."""
+        self.on_backward: Callable[[list[int] | None, Location | None], None] | None = None
+        """Called after each recorded backward that accumulated without raising: the ids of the parameters its graph
+        reaches (None where the reach is unknown) and where it was called."""
         self._optimizer_aliases: dict[int, tuple[Any, _Optimizer]] = {}
         self._stepped_this_iteration: set[int] = set()
         self._stepped_last_iteration: set[int] = set()
@@ -1100,6 +1103,7 @@ class Recorder:
             except TypeError:
                 return original(*args, **kwargs)  # raises the program's own TypeError
             recorder._in_backward = True
+            recorded = len(recorder.backwards)
             try:
                 hooks, contributions, record_chains = recorder._before_backward(roots, accumulates) or ([], [], None)
                 try:
@@ -1110,10 +1114,20 @@ class Recorder:
                     recorder._after_backward(contributions, record_chains)
             finally:
                 recorder._in_backward = False
+            recorder._tell_backward(recorded)
             recorder._update_window()
             return result
 
         return backward
+
+    @_guarded
+    def _tell_backward(self, first_record: int) -> None:
+        if self.on_backward is None:
+            return
+        for record in self.backwards[first_record:]:
+            if record.accumulates:
+                unknown = record.walk_truncated or record.reach_unknown
+                self.on_backward(None if unknown else record.param_ids, record.location)
 
     @_guarded
     def _guarded_idle_check(self, signature: inspect.Signature, roots_argument: str, args: tuple, kwargs: dict) -> None:
