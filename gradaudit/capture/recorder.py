@@ -76,6 +76,7 @@ from gradaudit.trace import (
     Term,
     Trace,
     Window,
+    collector_paused,
 )
 
 _MAX_MODULE_INPUTS = 20_000
@@ -418,6 +419,8 @@ class Recorder:
         self._in_backward = False
         self._installed = False
         self._mode_on_stack = False
+        self._mode_aside_at: int | None = None
+        """Where the mode sat on the stack while an optimizer step has it off (None: it is not off)."""
         self._pid = 0
         self._thread = 0
         self._undo: list[Callable[[], None]] = []
@@ -482,6 +485,8 @@ class Recorder:
         """Removes everything installed; callable more than once, from any hook but a step's. A provenance mode
         that cannot be reached now stays on the stack, inert, until the next call (the end of the audit)."""
         self._installed = False
+        if self._mode_aside_at is not None:  # a step that raised (StopAudit) left it off the stack
+            self._mode_aside_at, self._mode_on_stack = None, False
         if self._mode_on_stack:
             self.mode.paused = True
             self._mode_on_stack = not _take_off_stack(self.mode)
@@ -968,9 +973,11 @@ class Recorder:
     def _pause_for_step(self) -> None:
         """An optimizer's own ops (and gradaudit's reads around them) are not the program's: provenance stops
         observing from a step's pre-hook to the end of its post-hook (10,000 parameter tensors would otherwise make
-        every step tens of thousands of observed ops)."""
+        every step tens of thousands of observed ops), and the mode leaves this thread's stack meanwhile, so that
+        those ops do not call into Python at all."""
         if self._steps_open == 0:
             self._paused_before_step, self.mode.paused = self.mode.paused, True
+            self._set_mode_aside()
         self._steps_open += 1
 
     def _resume_after_step(self) -> None:
@@ -978,7 +985,30 @@ class Recorder:
             return
         self._steps_open -= 1
         if self._steps_open == 0:
+            self._put_mode_back()
             self.mode.paused = self._paused_before_step
+
+    def _set_mode_aside(self) -> None:
+        """Takes the provenance mode off the stack, remembering where it sat (see `_put_mode_back`)."""
+        if not self._mode_on_stack or self._mode_aside_at is not None or torch.compiler.is_compiling():
+            return
+        stack = torch.overrides._get_current_function_mode_stack()
+        at = next((i for i, entry in enumerate(stack) if entry is self.mode), None)
+        if at is not None and _take_off_stack(self.mode):
+            self._mode_aside_at = at
+
+    def _put_mode_back(self) -> bool:
+        """Puts the mode back where it sat, under the modes entered above it since; False when it was not aside."""
+        at, self._mode_aside_at = self._mode_aside_at, None
+        if at is None:
+            return False
+        above = []
+        while torch._C._len_torch_function_stack() > at:
+            above.append(torch.overrides._pop_mode())
+        torch.overrides._push_mode(self.mode)
+        for entry in reversed(above):
+            torch.overrides._push_mode(entry)
+        return True
 
     def _close_abandoned_steps(self) -> None:
         """A step that raised never reached its post-hook: the next forward, backward or zero_grad outside any
@@ -1005,9 +1035,12 @@ class Recorder:
         def observed(*args: Any, **kwargs: Any) -> Any:
             recorder._closures_open += 1
             paused, recorder.mode.paused = recorder.mode.paused, recorder._paused_before_step
+            was_aside = recorder._put_mode_back()
             try:
                 return closure(*args, **kwargs)
             finally:
+                if was_aside:
+                    recorder._set_mode_aside()
                 recorder.mode.paused = paused
                 recorder._closures_open -= 1
 
@@ -1381,6 +1414,10 @@ class Recorder:
     # ---------------------------------------------------------------- the Trace
 
     def build_trace(self, program: str, stopped_by: str | None = None, note: str = "") -> Trace:
+        with collector_paused():
+            return self._build_trace(program, stopped_by, note)
+
+    def _build_trace(self, program: str, stopped_by: str | None, note: str) -> Trace:
         self._adopt_live_optimizers()
         names = self._final_names()
         groups = {pid: self.params[pid].group or self.params[pid].creation_group or names[pid] for pid in names}
