@@ -6,6 +6,7 @@ optimizers (per-run state lives here, keyed by identity, holding references only
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import inspect
@@ -17,7 +18,7 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -132,12 +133,23 @@ class _Param:
     creation_group: str | None = None
     owners: list[int] = field(default_factory=list)
     pending: bool = False
-    grad_key: tuple[int, int] | None = None
+    grad_id: int = 0
+    """The .grad last seen (its id; 0: none) and its version: kept as two numbers, not a tuple made per read."""
+    grad_version: int = -1
     snapshot: torch.Tensor | None = None
     awaited: bool = False
     """A recorded backward reaches it: the first gradient its accumulator receives is its contribution."""
     contribution: torch.Tensor | None = None
     """That contribution's norm (unread)."""
+
+    def saw(self, grad: torch.Tensor) -> bool:
+        return id(grad) == self.grad_id and grad._version == self.grad_version
+
+    def see(self, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            self.grad_id, self.grad_version = 0, -1
+        else:
+            self.grad_id, self.grad_version = id(grad), grad._version
 
 
 @dataclass
@@ -386,7 +398,6 @@ class Recorder:
         self.user_term_names: dict[int, tuple[Any, str]] = {}
         self.user_constant_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.events: list[_Events] = []
-        self._event_count = 0
         self.backwards: list[_BackwardRecord] = []
         self.regression_targets: list[tuple[Any, list[int], list[int]]] = []
         """(call, parameters the target reaches, parameters the prediction reaches)."""
@@ -420,6 +431,7 @@ class Recorder:
         self._installed = False
         self._mode_on_stack = False
         self._mode_aside_at: int | None = None
+        self._step_set_mode_aside = False
         """Where the mode sat on the stack while an optimizer step has it off (None: it is not off)."""
         self._pid = 0
         self._thread = 0
@@ -750,7 +762,7 @@ class Recorder:
             if not args or not recorder._admit():
                 return original(*args, **kwargs)
             owned = recorder._on_zero_grad(args[0])
-            with recorder.mode.quiet():
+            with recorder._unobserved():
                 result = original(*args, **kwargs)
                 recorder._refresh(owned or [])
             return result
@@ -853,7 +865,7 @@ class Recorder:
         apply, whose non-zero .grad changed since gradaudit last saw it, received gradient."""
         for param in self._owned(record):
             grad = param.tensor.grad
-            if param.pending or grad is None or (id(grad), grad._version) == param.grad_key or all_zero(grad):
+            if param.pending or grad is None or param.saw(grad) or all_zero(grad):
                 continue
             self._events("accumulate", [param], by="a backward in another thread", norms=[norm(grad)], finite=[True])
             param.pending = True
@@ -977,7 +989,7 @@ class Recorder:
         those ops do not call into Python at all."""
         if self._steps_open == 0:
             self._paused_before_step, self.mode.paused = self.mode.paused, True
-            self._set_mode_aside()
+            self._step_set_mode_aside = self._set_mode_aside()
         self._steps_open += 1
 
     def _resume_after_step(self) -> None:
@@ -985,17 +997,33 @@ class Recorder:
             return
         self._steps_open -= 1
         if self._steps_open == 0:
-            self._put_mode_back()
+            if self._step_set_mode_aside:
+                self._put_mode_back()
             self.mode.paused = self._paused_before_step
 
-    def _set_mode_aside(self) -> None:
-        """Takes the provenance mode off the stack, remembering where it sat (see `_put_mode_back`)."""
+    def _set_mode_aside(self) -> bool:
+        """Takes the provenance mode off this thread's stack, remembering where it sat (see `_put_mode_back`); False
+        when it is not there (light mode, already aside, or popped by torch while its `__torch_function__` runs)."""
         if not self._mode_on_stack or self._mode_aside_at is not None or torch.compiler.is_compiling():
-            return
+            return False
         stack = torch.overrides._get_current_function_mode_stack()
         at = next((i for i, entry in enumerate(stack) if entry is self.mode), None)
-        if at is not None and _take_off_stack(self.mode):
-            self._mode_aside_at = at
+        if at is None or not _take_off_stack(self.mode):
+            return False
+        self._mode_aside_at = at
+        return True
+
+    @contextlib.contextmanager
+    def _unobserved(self) -> Iterator[None]:
+        """gradaudit's own reads of every parameter (`.grad`, its version), and an optimizer's zero_grad: provenance
+        paused, and the mode off the stack, since with it on, each attribute read of a tensor calls into it."""
+        aside = self._set_mode_aside()
+        try:
+            with self.mode.quiet():
+                yield
+        finally:
+            if aside:
+                self._put_mode_back()
 
     def _put_mode_back(self) -> bool:
         """Puts the mode back where it sat, under the modes entered above it since; False when it was not aside."""
@@ -1086,7 +1114,7 @@ class Recorder:
 
     def _checkpoint(self, location: Location | None) -> None:
         """Detects, by their effect, wipes and updates made outside optimizers (Module.zero_grad, p.grad = None, manual SGD)."""
-        with self.mode.quiet():
+        with self._unobserved():
             for param in self.params.values():
                 if not param.pending:
                     continue
@@ -1096,16 +1124,16 @@ class Recorder:
                     param.snapshot = param.tensor.detach().clone()
                 if grad is None:
                     self._events("wipe", [param], by="grad set to None outside an optimizer", location=location)
-                elif (id(grad), grad._version) != param.grad_key:
+                elif not param.saw(grad):
                     if all_zero(grad):
                         self._events("wipe", [param], by="grad zeroed outside an optimizer", location=location)
-                    param.grad_key = (id(grad), grad._version)
+                    param.see(grad)
 
     @_guarded
     def _refresh(self, params: list[_Param]) -> None:
-        for param in params:
-            grad = param.tensor.grad
-            param.grad_key = None if grad is None else (id(grad), grad._version)
+        with self._unobserved():
+            for param in params:
+                param.see(param.tensor.grad)
 
     # ---------------------------------------------------------------- backward
 
@@ -1160,8 +1188,7 @@ class Recorder:
             nodes = [r.grad_fn for r in roots]
             view = walk(nodes, self._is_parameter, self.mode.user_code_for, self.max_nodes)
             self.raw_graphs.capture(location, view)
-            leaves = [view.leaves[pid] for pid in view.param_ids]
-            reached = [(node, self._param(tensor)) for node, tensor in leaves]
+            reached = [self._param(view.leaves[pid][1]) for pid in view.param_ids]
             index = len(self.backwards)
             groups = [group for root in roots for group in self._term_groups(root, frame, view, location)]
             terms = [self._term(group, view) for group in groups]
@@ -1187,12 +1214,15 @@ class Recorder:
             handles, record_chains = ([], None) if self.light else self.chain_tracker.prepare(view, index)
         if not accumulates:
             return handles, [], record_chains
+        accumulators = [view.leaves[pid][0] for pid in view.param_ids]
         if reach_unknown:
-            reached += [(node, self._param(tensor)) for node, tensor in self._hidden_leaves(view)]
-        for node, param in reached:
+            hidden = self._hidden_leaves(view)
+            reached += [self._param(tensor) for _, tensor in hidden]
+            accumulators += [node for node, _ in hidden]
+        for node, param in zip(accumulators, reached, strict=True):
             self._listen(node, param)
-            param.awaited = True
-        return handles, [param for _, param in reached], record_chains
+            param.awaited, param.contribution = True, None
+        return handles, reached, record_chains
 
     def _listen(self, accumulator: Any, param: _Param) -> None:
         """Hooks a parameter's gradient accumulator, once: holding the node, the hook stays on it through later
@@ -1226,7 +1256,7 @@ class Recorder:
         non-finite norm is looked at again on the parameter's .grad (the contribution is not kept: a program that
         accumulates would hold a second copy of its gradients): overflow in the gradient's precision gets the norm
         in double, NaN/Inf stays, as it does in the .grad it was added to."""
-        with self.mode.quiet(), torch.no_grad():
+        with self._unobserved(), torch.no_grad():
             sizes = read_all([param.contribution for param in received])
             for i, param in enumerate(received):
                 if not math.isfinite(sizes[i]) and (grad := param.tensor.grad) is not None and all_finite(grad):
