@@ -124,7 +124,7 @@ def _take_off_stack(mode: ProvenanceMode) -> bool:
     return True
 
 
-@dataclass
+@dataclass(slots=True)
 class _Param:
     tensor: torch.Tensor
     name: str | None = None
@@ -167,7 +167,7 @@ class _Optimizer:
     """Stepped by another thread (not counted in `steps`, which are the audited thread's)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Events:
     """Consecutive events of one kind and one cause, a parameter each: a step over 10,000 tensors is one record."""
 
