@@ -424,6 +424,18 @@ class Trace:
             grouped.setdefault(p.group, []).append(p)
         return grouped
 
+    def derived(self, make: Callable[[Trace], T]) -> T:
+        """What `make` derives from this Trace, made once for all who ask (the replay of the gradient timeline, which
+        several rules and the flow graphs read): a Trace is not changed once built."""
+        made = self._derived
+        if make not in made:
+            made[make] = make(self)
+        return made[make]
+
+    @functools.cached_property
+    def _derived(self) -> dict[Callable[[Trace], Any], Any]:
+        return {}
+
     def optimizer_label(self, index: int) -> str:
         return self.optimizers[index].name
 
@@ -436,7 +448,7 @@ class Trace:
     @classmethod
     def load(cls, path: str | Path) -> Trace:
         try:
-            with _collector_paused():
+            with collector_paused():
                 raw = json.loads(Path(path).read_text())
         except FileNotFoundError as exc:
             raise TraceError(f"no trace file at {path}") from exc
@@ -457,7 +469,7 @@ class Trace:
                 f"{source} is a gradaudit trace of version {raw['version']!r}; this gradaudit reads versions {readable}"
             )
         try:
-            with _collector_paused():
+            with collector_paused():
                 trace = _converter(cls)(raw)
             _check_references(trace)
         except _Damage as exc:
@@ -477,9 +489,9 @@ def by_site(items: Iterable[T], site: Callable[[T], Hashable]) -> list[list[T]]:
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pauses the cyclic garbage collector while a trace is built: millions of new objects make it run over and over
-    (40% of the load time) and there is no cycle among them to find."""
+def collector_paused() -> Iterator[None]:
+    """Pauses the cyclic garbage collector while a trace is built (loaded, or recorded) and read: millions of new
+    objects make it run over and over (40% of the load time) and there is no cycle among them to find."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradaudit.capture.names import attribute_path
+from gradaudit.capture.names import attribute_path, attribute_paths
 from gradaudit.capture.source import _display_path
 from tests.conftest import FIXTURES, fixture_line
 
@@ -31,6 +31,14 @@ def name_here(obj: object) -> str | None:
     while not test.f_code.co_name.startswith("test_"):
         test = test.f_back
     return attribute_path(obj, frame, {id(test)})
+
+
+def names_here(objs: list[object]) -> list[str | None]:
+    """`name_here` of each object, from one search per frame."""
+    frame = test = sys._getframe(1)
+    while not test.f_code.co_name.startswith("test_"):
+        test = test.f_back
+    return attribute_paths(objs, frame, {id(test)})
 
 
 class Agent:
@@ -153,3 +161,24 @@ def test_locations_are_shown_inside_their_package_or_relative_to_the_working_dir
     assert _display_path(installed, os.path.dirname(site_packages)) == "stable_baselines3/ppo/ppo.py"
     assert _display_path(str(tmp_path / "src" / "train.py"), str(tmp_path)) == "src/train.py"
     assert _display_path("/elsewhere/train.py", str(tmp_path)) == "/elsewhere/train.py"
+
+
+class Trainer:
+    """A plain object holding a policy: in its methods, `self`'s attributes name things."""
+
+    def __init__(self, policy: Policy, loose: torch.Tensor) -> None:
+        self.policy, self.loose = policy, loose
+
+    def names(self) -> tuple[list[str | None], list[str | None]]:
+        together = names_here([self.policy.encoder[0].bias, self.loose, torch.zeros(1)])
+        return together, [name_here(self.policy.encoder[0].bias), name_here(self.loose), name_here(torch.zeros(1))]
+
+
+def test_many_objects_named_in_one_search_are_named_as_each_alone():
+    agent, policy, loose = Agent(), Policy(), torch.zeros(3)
+    together = names_here([agent.critic.weight, agent.critics[1].bias, policy.encoder[0].weight, loose])
+    alone = [name_here(agent.critic.weight), name_here(agent.critics[1].bias), name_here(policy.encoder[0].weight)]
+    alone.append(name_here(loose))
+    assert together == alone == ["agent.critic.weight", "agent.critics[1].bias", "policy.encoder.0.weight", "loose"]
+    together, alone = Trainer(policy, loose).names()
+    assert together == alone == ["policy.encoder.0.bias", "loose", None]

@@ -1,6 +1,7 @@
 """gradaudit never changes what it observes, and leaves nothing installed."""
 
 import copy
+import sys
 
 import torch
 import torch.optim.optimizer as optimizer_module
@@ -109,3 +110,22 @@ def test_chain_and_numerics_capture_is_bit_identical_and_unhooked():
     gc.collect()
     assert retained.grad_fn is not None
     assert not [o for o in gc.get_objects() if type(o) is chains._Observed], "a node hook outlived the backward"
+
+
+def test_after_the_audit_a_backward_runs_no_code_of_gradaudit():
+    """The hooks on gradient accumulators outlive each backward within the audit, never the audit."""
+    model = nn.Linear(4, 3)
+    with gradaudit.audit():
+        _train(model, steps=2)
+    called = []
+
+    def note(frame, event, arg):  # noqa: ANN001, ANN202 - sys.setprofile's signature
+        if event == "call" and "gradaudit" in frame.f_code.co_filename:
+            called.append(frame.f_code.co_name)
+
+    sys.setprofile(note)
+    try:
+        model(torch.randn(2, 4)).sum().backward()
+    finally:
+        sys.setprofile(None)
+    assert called == []

@@ -55,3 +55,33 @@ def test_a_step_that_raises_leaves_observation_on():
         before = audit.recorder.mode.clock
         model(torch.randn(4, 3)).sum()
         assert audit.recorder.mode.clock > before
+
+
+class _Marker(torch.overrides.TorchFunctionMode):
+    """A mode of the program's own, entered during the audit."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+        return func(*args, **(kwargs or {}))
+
+
+class _StackReporting(torch.optim.SGD):
+    """Notes the modes on the stack while its step runs."""
+
+    seen: list = []
+
+    def step(self, closure=None):
+        _StackReporting.seen = torch.overrides._get_current_function_mode_stack()
+        return super().step(closure)
+
+
+def test_a_step_runs_without_the_observing_mode_which_returns_beneath_the_programs_own():
+    model = nn.Linear(3, 1)
+    optimizer = _StackReporting(model.parameters(), lr=0.1)
+    with gradaudit.audit() as audit:
+        with _Marker() as marker:
+            model(torch.randn(4, 3)).sum().backward()
+            optimizer.step()
+            after = torch.overrides._get_current_function_mode_stack()
+    assert _StackReporting.seen == [marker]
+    assert after == [audit.recorder.mode, marker]
+    assert not torch.overrides._get_current_function_mode_stack()

@@ -118,3 +118,19 @@ def test_in_place_init_through_a_view_of_a_parameter_is_no_internal_error():
         optimizer.step()
     assert audit.recorder.internal_errors_total() == 0
     assert audit.trace.window.internal_errors == 0
+
+
+def test_each_backward_records_only_the_parameters_it_reaches():
+    """Accumulator hooks stay on from one backward to the next: a parameter an earlier backward reached is recorded
+    again only when a later one reaches it."""
+    shared, head = nn.Linear(3, 3), nn.Linear(3, 1)
+    with gradaudit.audit() as audit:
+        for _ in range(2):
+            head(shared(torch.randn(4, 3))).sum().backward()
+            shared(torch.randn(4, 3)).pow(2).sum().backward()
+    reached = [
+        sorted(e.param for e in audit.trace.events if e.kind == "accumulate" and e.backward == b.index)
+        for b in audit.trace.backwards
+    ]
+    both = ["head.bias", "head.weight", "shared.bias", "shared.weight"]
+    assert reached == [both, ["shared.bias", "shared.weight"], both, ["shared.bias", "shared.weight"]]

@@ -17,7 +17,7 @@ from gradaudit.findings import Declarations, Finding
 from gradaudit.flowgraph import build_flow_graphs
 from gradaudit.rules import known_patterns, options_by_rule, run_rules
 from gradaudit.rules.ga301_exploding_chain import exploding
-from gradaudit.trace import RAW_GRAPH_CAP, Trace, Watch
+from gradaudit.trace import RAW_GRAPH_CAP, Trace, Watch, collector_paused
 
 __all__ = ["Audit", "InstallError", "StopAudit"]
 
@@ -134,9 +134,10 @@ class Audit:
             return
         self.trace = self.recorder.build_trace(self.program, stopped_by, note)
         self.trace.arguments, self.trace.torch_version = self.arguments, str(torch.__version__)
-        self.trace.flow_graphs = build_flow_graphs(self.trace)
-        declared = None if self.declarations is None else self.declarations(self.trace)
-        self.findings = run_rules(self.trace, self.select, self.ignore, self.options, declared)
+        with collector_paused():
+            self.trace.flow_graphs = build_flow_graphs(self.trace)
+            declared = None if self.declarations is None else self.declarations(self.trace)
+            self.findings = run_rules(self.trace, self.select, self.ignore, self.options, declared)
 
     def _finish_watch(self, stopped_by: str | None, note: str) -> None:
         """The report of a watched run: the first window's trace, every sample's findings, the norm history. A

@@ -24,25 +24,27 @@ def stored_values(tensor: torch.Tensor) -> torch.Tensor:
 
 def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
     values = stored_values(tensor.detach())
-    return values.abs() if values.is_complex() else values
+    return values.abs() if values.dtype.is_complex else values
 
 
 def norm_unread(tensor: torch.Tensor) -> torch.Tensor:
     """The 2-norm as a 0-d tensor, unread: in the tensor's own precision (half precision: in float32), without the
     copy a cast to double makes (20x slower on a 38M-element gradient)."""
     values = _magnitudes(tensor)
-    return torch.linalg.vector_norm(values, dtype=torch.float32 if values.element_size() < 4 else None)
+    return torch.linalg.vector_norm(values, dtype=torch.float32 if values.dtype.itemsize < 4 else None)
 
 
 def read_all(values: list[torch.Tensor]) -> list[float]:
-    """0-d tensors as floats, one read (one device synchronisation) per device."""
-    by_device: dict[torch.device, list[int]] = {}
+    """0-d tensors as floats, one read (one device synchronisation) per device; cast to double per dtype, not per
+    value (10,000 parameters: one cast, not 10,000)."""
+    by_device: dict[torch.device, dict[torch.dtype, list[int]]] = {}
     for index, value in enumerate(values):
-        by_device.setdefault(value.device, []).append(index)
+        by_device.setdefault(value.device, {}).setdefault(value.dtype, []).append(index)
     found = [0.0] * len(values)
-    for indices in by_device.values():
-        numbers = torch.stack([values[i].double() for i in indices]).tolist()
-        for index, number in zip(indices, numbers, strict=True):
+    for by_dtype in by_device.values():
+        indices = [index for group in by_dtype.values() for index in group]
+        stacked = [torch.stack([values[i] for i in group]).double() for group in by_dtype.values()]
+        for index, number in zip(indices, torch.cat(stacked).tolist(), strict=True):
             found[index] = number
     return found
 

@@ -87,29 +87,70 @@ def _children(value: object) -> Iterator[tuple[str, object]]:
         yield from list(instance_attributes(value).items())
 
 
-def _cheapest(targets: dict[int, tuple[object, Path]], roots: Iterable[tuple[str, object]]) -> Path | None:
-    """The least private, then shortest, path from a root to any target (plus that target's own path onward)."""
+def _cheapest_each(
+    targets: dict[int, tuple[object, dict[int, Path]]], roots: Iterable[tuple[str, object]], wanted: int
+) -> dict[int, Path]:
+    """For each of `wanted` searches, the least private, then shortest, path from a root to any of its targets (plus
+    that target's own path onward). One walk serves them all: paths leave the heap in cost order, so the first time a
+    search's target leaves it is that search's cheapest path. A target of every search is not looked into (a path
+    through it costs more than the path to it); one that some searches want is, for the others."""
     order = itertools.count()
     heap = [(_part(name), next(order), value) for name, value in roots if value is not None and name.isidentifier()]
     heapq.heapify(heap)
     seen: set[int] = set()
-    best: Path | None = None
+    best: dict[int, Path] = {}
+    worst: Path | None = None
     while heap and len(seen) < _MAX_VISITED:
         path, _, value = heapq.heappop(heap)
-        if best is not None and path >= best:
+        if worst is not None and path >= worst:
             break
         if id(value) in seen:
             continue
         seen.add(id(value))
         target = targets.get(id(value))
         if target is not None and target[0] is value:
-            best = min(best or path.then(target[1]), path.then(target[1]))
-            continue
+            for search, onward in target[1].items():
+                found = path.then(onward)
+                best[search] = min(best.get(search, found), found)
+            if len(best) == wanted:
+                worst = max(best.values())  # only falls as more targets are found: a stale bound just looks longer
+            if len(target[1]) == wanted:
+                continue
         if path.length < _MAX_PARTS:
             for name, child in _children(value):
                 if child is not None and id(child) not in seen and not issubclass(type(child), _SCALARS):
                     heapq.heappush(heap, (path.then(_part(name)), next(order), child))
     return best
+
+
+@dataclass
+class _Naming:
+    """One object's search for its name, frame by frame outward."""
+
+    targets: dict[int, tuple[object, Path]]
+    """What names it: itself, then the `self` of each frame it was reached through, with the path onward from it."""
+    through_self: list[Path]
+    library_local: Path | None = None
+    name: str | None = None
+    done: bool = False
+
+    def result(self) -> str | None:
+        if self.done:
+            return self.name
+        named = [(p.private, p.length > _READABLE_PARTS, -i, p) for i, p in enumerate(self.through_self) if p.parts]
+        if named:
+            return min(named)[-1].text()
+        return self.library_local.text() if self.library_local is not None else None
+
+
+def _search(namings: list[_Naming], roots: list[tuple[str, object]]) -> list[Path | None]:
+    """Each naming's cheapest path from the roots: one walk for all (they share every target but their own)."""
+    targets: dict[int, tuple[object, dict[int, Path]]] = {}
+    for index, naming in enumerate(namings):
+        for key, (value, onward) in naming.targets.items():
+            targets.setdefault(key, (value, {}))[1][index] = onward
+    best = _cheapest_each(targets, roots, len(namings))
+    return [best.get(index) for index in range(len(namings))]
 
 
 def attribute_path(obj: object, frame: FrameType | None, outermost: Collection[int] = ()) -> str | None:
@@ -120,34 +161,49 @@ def attribute_path(obj: object, frame: FrameType | None, outermost: Collection[i
     `self` as the object to name. With no user frame that can reach it, the outermost path from a library's `self`
     is used (`policy.optimizer` for stable-baselines3's `self.policy.optimizer`), then a library's local variable.
     """
-    targets: dict[int, tuple[object, Path]] = {id(obj): (obj, _HERE)}
-    through_self: list[Path] = []
-    library_local: Path | None = None
+    return attribute_paths([obj], frame, outermost)[0]
+
+
+def attribute_paths(objs: list[object], frame: FrameType | None, outermost: Collection[int] = ()) -> list[str | None]:
+    """`attribute_path` of each object, with one search per frame for all of them (10,000 unnamed tensors would
+    otherwise be 10,000 searches of the same variables)."""
+    namings = {id(obj): _Naming({id(obj): (obj, _HERE)}, []) for obj in objs}
     while frame is not None:
         if is_program_frame(frame):
-            in_library = package_path(frame.f_code.co_filename) is not None
-            local_names = frame.f_locals
-            owner = local_names.get("self")
-            roots = [("self", owner)] if in_library else [*local_names.items(), *frame.f_globals.items()]
-            found = _cheapest(targets, roots)
-            if found is not None and found.parts[0] == "self":
-                relative = found.tail()
-                if in_library or issubclass(type(owner), nn.Module) or not relative.parts:
-                    through_self.append(relative)
-                    targets[id(owner)] = (owner, relative)
-                else:
-                    return relative.text()
-            elif found is not None:
-                return found.text()
-            elif in_library and library_local is None:
-                library_local = _cheapest(targets, local_names.items())
+            _name_in_frame(list(namings.values()), frame)
         if id(frame) in outermost:
             break
         frame = frame.f_back
-    named = [(p.private, p.length > _READABLE_PARTS, -i, p) for i, p in enumerate(through_self) if p.parts]
-    if named:
-        return min(named)[-1].text()
-    return library_local.text() if library_local is not None else None
+    return [namings[id(obj)].result() for obj in objs]
+
+
+def _name_in_frame(namings: list[_Naming], frame: FrameType) -> None:
+    """One step outward for the namings still looking: those that went through the same `self`s search together."""
+    in_library = package_path(frame.f_code.co_filename) is not None
+    local_names = frame.f_locals
+    owner = local_names.get("self")
+    roots = [("self", owner)] if in_library else [*local_names.items(), *frame.f_globals.items()]
+    together: dict[tuple[int, ...], list[_Naming]] = {}
+    for naming in namings:
+        if not naming.done:
+            together.setdefault(tuple(naming.targets)[1:], []).append(naming)
+    for group in together.values():
+        unfound = []
+        for naming, found in zip(group, _search(group, roots), strict=True):
+            if found is not None and found.parts[0] == "self":
+                relative = found.tail()
+                if in_library or issubclass(type(owner), nn.Module) or not relative.parts:
+                    naming.through_self.append(relative)
+                    naming.targets[id(owner)] = (owner, relative)
+                else:
+                    naming.name, naming.done = relative.text(), True
+            elif found is not None:
+                naming.name, naming.done = found.text(), True
+            elif in_library and naming.library_local is None:
+                unfound.append(naming)
+        if unfound:
+            for naming, local in zip(unfound, _search(unfound, list(local_names.items())), strict=True):
+                naming.library_local = local
 
 
 def frames_on_stack() -> frozenset[int]:

@@ -6,6 +6,7 @@ optimizers (per-run state lives here, keyed by identity, holding references only
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import inspect
@@ -17,7 +18,7 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -48,7 +49,7 @@ from gradaudit.capture.magnitude import (
     same_values,
     squared_norm,
 )
-from gradaudit.capture.names import attribute_path, frames_on_stack, instance_attributes
+from gradaudit.capture.names import attribute_path, attribute_paths, frames_on_stack, instance_attributes
 from gradaudit.capture.numerics import ClampStats
 from gradaudit.capture.provenance import Measured, NonFiniteCandidate, ProvenanceMode, never_compiled
 from gradaudit.capture.rawgraph import RawGraphRecorder
@@ -78,6 +79,7 @@ from gradaudit.trace import (
     Trace,
     Watch,
     Window,
+    collector_paused,
 )
 
 _MAX_MODULE_INPUTS = 20_000
@@ -124,7 +126,7 @@ def _take_off_stack(mode: ProvenanceMode) -> bool:
     return True
 
 
-@dataclass
+@dataclass(slots=True)
 class _Param:
     tensor: torch.Tensor
     name: str | None = None
@@ -133,8 +135,23 @@ class _Param:
     creation_group: str | None = None
     owners: list[int] = field(default_factory=list)
     pending: bool = False
-    grad_key: tuple[int, int] | None = None
+    grad_id: int = 0
+    """The .grad last seen (its id; 0: none) and its version: kept as two numbers, not a tuple made per read."""
+    grad_version: int = -1
     snapshot: torch.Tensor | None = None
+    awaited: bool = False
+    """A recorded backward reaches it: the first gradient its accumulator receives is its contribution."""
+    contribution: torch.Tensor | None = None
+    """That contribution's norm (unread)."""
+
+    def saw(self, grad: torch.Tensor) -> bool:
+        return id(grad) == self.grad_id and grad._version == self.grad_version
+
+    def see(self, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            self.grad_id, self.grad_version = 0, -1
+        else:
+            self.grad_id, self.grad_version = id(grad), grad._version
 
 
 @dataclass
@@ -152,17 +169,32 @@ class _Optimizer:
     """Stepped by another thread (not counted in `steps`, which are the audited thread's)."""
 
 
-@dataclass
-class _Event:
+@dataclass(slots=True)
+class _Events:
+    """Consecutive events of one kind and one cause, a parameter each: a step over 10,000 tensors is one record."""
+
     seq: int
+    """That of the first; the others follow it."""
     kind: str
-    param: int
+    params: list[int]
     backward: int | None = None
     optimizer: int | None = None
-    norm: float | None = None
-    finite: bool = True
     by: str = ""
     location: Location | None = None
+    norms: list[float] | None = None
+    """Accumulations: each contribution's norm (None: not measured), and whether it was finite."""
+    finite: list[bool] | None = None
+
+    def extends(
+        self, kind: str, backward: int | None, optimizer: int | None, by: str, location: Location | None
+    ) -> bool:
+        return (kind, backward, optimizer, by, location) == (
+            self.kind,
+            self.backward,
+            self.optimizer,
+            self.by,
+            self.location,
+        )
 
 
 @dataclass
@@ -383,7 +415,7 @@ class Recorder:
         """(every parameter group of a top-level module call, the graph node of one of its inputs)."""
         self.user_term_names: dict[int, tuple[Any, str]] = {}
         self.user_constant_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.events: list[_Event] = []
+        self.events: list[_Events] = []
         self.backwards: list[_BackwardRecord] = []
         self.regression_targets: list[tuple[Any, list[int], list[int]]] = []
         """(call, parameters the target reaches, parameters the prediction reaches)."""
@@ -422,9 +454,14 @@ class Recorder:
         self._mode_on_stack = False
         self._mode_shelved = False
         self._module_hooks: list[Any] = []
+        self._mode_aside_at: int | None = None
+        self._step_set_mode_aside = False
+        """Where the mode sat on the stack while an optimizer step has it off (None: it is not off)."""
         self._pid = 0
         self._thread = 0
         self._undo: list[Callable[[], None]] = []
+        self._accumulators: dict[int, tuple[Any, Any]] = {}
+        """id(gradient accumulator) -> (the node, held so that its hook lives on; the hook's handle)."""
 
     # ---------------------------------------------------------------- install / uninstall
 
@@ -456,6 +493,7 @@ class Recorder:
         self._undo.append(self._unhook_modules)
         self._hook_modules()
         self._undo.append(_hide_compiled_module_warning())
+        self._undo.append(self._release_accumulators)
         if not self.light:
             self.mode.__enter__()
             self._mode_on_stack = True
@@ -477,7 +515,7 @@ class Recorder:
         that received gradient is in no optimizer seen (those that zero_grad or step during the block are seen
         then): scanning the heap costs tens of milliseconds. A half-constructed optimizer, kept alive by a
         traceback, has no parameter groups yet and is left out."""
-        received = {event.param for event in self.events if event.kind == "accumulate"}
+        received = {pid for batch in self.events if batch.kind == "accumulate" for pid in batch.params}
         if self.iterations_wanted is not None or all(self.params[pid].owners for pid in received):
             return
         for obj in gc.get_objects():
@@ -494,6 +532,8 @@ class Recorder:
         """Removes everything installed; callable more than once, from any hook but a step's. A provenance mode
         that cannot be reached now stays on the stack, inert, until the next call (the end of the audit)."""
         self._installed = False
+        if self._mode_aside_at is not None:  # a step that raised (StopAudit) left it off the stack
+            self._mode_aside_at, self._mode_on_stack = None, False
         if self._mode_on_stack:
             self.mode.paused = True
             self._mode_on_stack = not _take_off_stack(self.mode)
@@ -745,8 +785,10 @@ class Recorder:
                 group = self._name(module, frame) or _class_name(module)
                 for pname, record in held:
                     record.creation_group, record.creation_name = group, f"{group}.{pname}"
-        for record in unnamed.values():
-            record.creation_name = self._name(record.tensor, frame)
+        records = list(unnamed.values())
+        names = attribute_paths([record.tensor for record in records], frame, self.outer_frames)
+        for record, name in zip(records, names, strict=True):
+            record.creation_name = name
 
     def _wrap_zero_grad(self, original: Callable) -> Callable:
         recorder = self
@@ -756,7 +798,7 @@ class Recorder:
             if not args or not recorder._admit():
                 return original(*args, **kwargs)
             owned = recorder._on_zero_grad(args[0])
-            with recorder.mode.quiet():
+            with recorder._unobserved():
                 result = original(*args, **kwargs)
                 recorder._refresh(owned or [])
             return result
@@ -771,23 +813,27 @@ class Recorder:
         self._checkpoint(location)
         owned = self._owned(record)
         read_by_step = self._accumulated_during_step(record.index)
+        applied_by, wiped_by = f"{self._label(record)}.step() (its closure)", f"{self._label(record)}.zero_grad()"
         for param in owned:
             if param.pending:
                 if id(param.tensor) in read_by_step:
-                    by = f"{self._label(record)}.step() (its closure)"
-                    self._event("apply", param, optimizer=record.index, by=by, location=location)
-                self._event(
-                    "wipe", param, optimizer=record.index, by=f"{self._label(record)}.zero_grad()", location=location
-                )
+                    self._events("apply", [param], optimizer=record.index, by=applied_by, location=location)
+                self._events("wipe", [param], optimizer=record.index, by=wiped_by, location=location)
         return owned
 
     def _accumulated_during_step(self, optimizer: int) -> set[int]:
         """Parameters a backward filled since this optimizer's step() began: a zero_grad() inside the step (an
         L-BFGS closure re-evaluating the loss) comes after the step has read those gradients."""
         started = self._step_started.get(optimizer)
+        found: set[int] = set()
         if started is None:
-            return set()
-        return {event.param for event in self.events[started:] if event.kind == "accumulate"}
+            return found
+        for batch in reversed(self.events):
+            if batch.kind == "accumulate":
+                found.update(batch.params[max(started - batch.seq, 0) :])
+            if batch.seq <= started:
+                break
+        return found
 
     def _owned(self, record: _Optimizer) -> list[_Param]:
         return [self._param(p) for group in record.optimizer.param_groups for p in group["params"]]
@@ -806,7 +852,7 @@ class Recorder:
         frame = user_frame()
         record = self._optimizer(optimizer, frame)
         self._checkpoint(location_of(frame))
-        self._step_started[record.index] = len(self.events)
+        self._step_started[record.index] = self._events_so_far()
         if self.foreign_backwards:
             self._note_gradients_from_other_threads(record)
         if record.index in self._stepped_this_iteration:
@@ -835,14 +881,11 @@ class Recorder:
         record.steps += 1
         self._last_stepper = record.index
         self._step_started.pop(record.index, None)
-        location = here()
-        for param in self._owned(record):
-            if param.pending and param.tensor.grad is not None:
-                self._event(
-                    "apply", param, optimizer=record.index, by=f"{self._label(record)}.step()", location=location
-                )
-                if param.snapshot is not None:
-                    param.snapshot = param.tensor.detach().clone()
+        applied = [param for param in self._owned(record) if param.pending and param.tensor.grad is not None]
+        self._events("apply", applied, optimizer=record.index, by=f"{self._label(record)}.step()", location=here())
+        for param in applied:
+            if param.snapshot is not None:
+                param.snapshot = param.tensor.detach().clone()
         between, self._backwards_at_last_step = len(self.backwards) - self._backwards_at_last_step, len(self.backwards)
         self._most_backwards_between_steps = max(self._most_backwards_between_steps, between)
         if self._stepped_last_iteration and self._stepped_this_iteration >= self._stepped_last_iteration:
@@ -859,9 +902,9 @@ class Recorder:
         apply, whose non-zero .grad changed since gradaudit last saw it, received gradient."""
         for param in self._owned(record):
             grad = param.tensor.grad
-            if param.pending or grad is None or (id(grad), grad._version) == param.grad_key or all_zero(grad):
+            if param.pending or grad is None or param.saw(grad) or all_zero(grad):
                 continue
-            self._event("accumulate", param, by="a backward in another thread", norm=norm(grad))
+            self._events("accumulate", [param], by="a backward in another thread", norms=[norm(grad)], finite=[True])
             param.pending = True
             self._refresh([param])
 
@@ -953,6 +996,7 @@ class Recorder:
             param.pending, param.snapshot = False, None
         for record in self.optimizers.values():
             record.steps = 0
+        self._release_accumulators()  # an idle backward runs no hook of gradaudit's
 
     def _idle_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Counts idle iterations by the steps of the optimizer whose step ended the last sample (an iteration
@@ -1007,9 +1051,11 @@ class Recorder:
     def _pause_for_step(self) -> None:
         """An optimizer's own ops (and gradaudit's reads around them) are not the program's: provenance stops
         observing from a step's pre-hook to the end of its post-hook (10,000 parameter tensors would otherwise make
-        every step tens of thousands of observed ops)."""
+        every step tens of thousands of observed ops), and the mode leaves this thread's stack meanwhile, so that
+        those ops do not call into Python at all."""
         if self._steps_open == 0:
             self._paused_before_step, self.mode.paused = self.mode.paused, True
+            self._step_set_mode_aside = self._set_mode_aside()
         self._steps_open += 1
 
     def _resume_after_step(self) -> None:
@@ -1017,7 +1063,46 @@ class Recorder:
             return
         self._steps_open -= 1
         if self._steps_open == 0:
+            if self._step_set_mode_aside:
+                self._put_mode_back()
             self.mode.paused = self._paused_before_step
+
+    def _set_mode_aside(self) -> bool:
+        """Takes the provenance mode off this thread's stack, remembering where it sat (see `_put_mode_back`); False
+        when it is not there (light mode, already aside, or popped by torch while its `__torch_function__` runs)."""
+        if not self._mode_on_stack or self._mode_aside_at is not None or torch.compiler.is_compiling():
+            return False
+        stack = torch.overrides._get_current_function_mode_stack()
+        at = next((i for i, entry in enumerate(stack) if entry is self.mode), None)
+        if at is None or not _take_off_stack(self.mode):
+            return False
+        self._mode_aside_at = at
+        return True
+
+    @contextlib.contextmanager
+    def _unobserved(self) -> Iterator[None]:
+        """gradaudit's own reads of every parameter (`.grad`, its version), and an optimizer's zero_grad: provenance
+        paused, and the mode off the stack, since with it on, each attribute read of a tensor calls into it."""
+        aside = self._set_mode_aside()
+        try:
+            with self.mode.quiet():
+                yield
+        finally:
+            if aside:
+                self._put_mode_back()
+
+    def _put_mode_back(self) -> bool:
+        """Puts the mode back where it sat, under the modes entered above it since; False when it was not aside."""
+        at, self._mode_aside_at = self._mode_aside_at, None
+        if at is None:
+            return False
+        above = []
+        while torch._C._len_torch_function_stack() > at:
+            above.append(torch.overrides._pop_mode())
+        torch.overrides._push_mode(self.mode)
+        for entry in reversed(above):
+            torch.overrides._push_mode(entry)
+        return True
 
     def _close_abandoned_steps(self) -> None:
         """A step that raised never reached its post-hook: the next forward, backward or zero_grad outside any
@@ -1044,9 +1129,12 @@ class Recorder:
         def observed(*args: Any, **kwargs: Any) -> Any:
             recorder._closures_open += 1
             paused, recorder.mode.paused = recorder.mode.paused, recorder._paused_before_step
+            was_aside = recorder._put_mode_back()
             try:
                 return closure(*args, **kwargs)
             finally:
+                if was_aside:
+                    recorder._set_mode_aside()
                 recorder.mode.paused = paused
                 recorder._closures_open -= 1
 
@@ -1054,33 +1142,64 @@ class Recorder:
 
     # ---------------------------------------------------------------- gradient state
 
-    def _event(self, kind: str, param: _Param, **fields: Any) -> None:
-        self.events.append(_Event(len(self.events), kind, id(param.tensor), **fields))
+    def _events(
+        self,
+        kind: str,
+        params: list[_Param],
+        backward: int | None = None,
+        optimizer: int | None = None,
+        by: str = "",
+        location: Location | None = None,
+        norms: list[float] | None = None,
+        finite: list[bool] | None = None,
+    ) -> None:
+        """One event per parameter, in order; added to the last record when they continue it."""
+        if not params:
+            return
+        ids = [id(param.tensor) for param in params]
+        last = self.events[-1] if self.events else None
+        if (
+            last is not None
+            and last.extends(kind, backward, optimizer, by, location)
+            and (norms is None) == (last.norms is None)
+        ):
+            last.params += ids
+            if last.norms is not None and last.finite is not None:
+                last.norms += norms or []
+                last.finite += finite or []
+        else:
+            seq = self._events_so_far()
+            self.events.append(_Events(seq, kind, ids, backward, optimizer, by, location, norms, finite))
         if kind == "wipe":
-            param.pending = False
+            for param in params:
+                param.pending = False
+
+    def _events_so_far(self) -> int:
+        last = self.events[-1] if self.events else None
+        return last.seq + len(last.params) if last is not None else 0
 
     def _checkpoint(self, location: Location | None) -> None:
         """Detects, by their effect, wipes and updates made outside optimizers (Module.zero_grad, p.grad = None, manual SGD)."""
-        with self.mode.quiet():
+        with self._unobserved():
             for param in self.params.values():
                 if not param.pending:
                     continue
                 grad = param.tensor.grad
                 if param.snapshot is not None and not same_values(param.tensor.detach(), param.snapshot):
-                    self._event("apply", param, by="an update outside any optimizer", location=location)
+                    self._events("apply", [param], by="an update outside any optimizer", location=location)
                     param.snapshot = param.tensor.detach().clone()
                 if grad is None:
-                    self._event("wipe", param, by="grad set to None outside an optimizer", location=location)
-                elif (id(grad), grad._version) != param.grad_key:
+                    self._events("wipe", [param], by="grad set to None outside an optimizer", location=location)
+                elif not param.saw(grad):
                     if all_zero(grad):
-                        self._event("wipe", param, by="grad zeroed outside an optimizer", location=location)
-                    param.grad_key = (id(grad), grad._version)
+                        self._events("wipe", [param], by="grad zeroed outside an optimizer", location=location)
+                    param.see(grad)
 
     @_guarded
     def _refresh(self, params: list[_Param]) -> None:
-        for param in params:
-            grad = param.tensor.grad
-            param.grad_key = None if grad is None else (id(grad), grad._version)
+        with self._unobserved():
+            for param in params:
+                param.see(param.tensor.grad)
 
     # ---------------------------------------------------------------- backward
 
@@ -1105,13 +1224,13 @@ class Recorder:
             recorder._in_backward = True
             recorded = len(recorder.backwards)
             try:
-                hooks, contributions, record_chains = recorder._before_backward(roots, accumulates) or ([], [], None)
+                hooks, awaited, record_chains = recorder._before_backward(roots, accumulates) or ([], [], None)
                 try:
                     result = original(*args, **kwargs)
                 finally:
                     for handle in hooks:
                         handle.remove()
-                    recorder._after_backward(contributions, record_chains)
+                    recorder._after_backward(awaited, record_chains)
             finally:
                 recorder._in_backward = False
             recorder._tell_backward(recorded)
@@ -1146,8 +1265,7 @@ class Recorder:
             nodes = [r.grad_fn for r in roots]
             view = walk(nodes, self._is_parameter, self.mode.user_code_for, self.max_nodes)
             self.raw_graphs.capture(location, view)
-            for pid in view.param_ids:
-                self._param(view.leaves[pid][1])
+            reached = [self._param(view.leaves[pid][1]) for pid in view.param_ids]
             index = len(self.backwards)
             groups = [group for root in roots for group in self._term_groups(root, frame, view, location)]
             terms = [self._term(group, view) for group in groups]
@@ -1176,35 +1294,54 @@ class Recorder:
             record_chains = _both(record_chains, record_probes)
         if not accumulates:
             return handles, [], record_chains
-        contributions: list[tuple[_Param, list]] = []
-        leaves = [view.leaves[pid] for pid in view.param_ids]
+        accumulators = [view.leaves[pid][0] for pid in view.param_ids]
         if reach_unknown:
-            leaves += self._hidden_leaves(view)
-        for node, tensor in leaves:
-            seen: list = []
-            contributions.append((self._param(tensor), seen))
-            handles.append(node.register_prehook(functools.partial(self._on_contribution, seen)))
-        return handles, [(index, param, seen) for param, seen in contributions], record_chains
+            hidden = self._hidden_leaves(view)
+            reached += [self._param(tensor) for _, tensor in hidden]
+            accumulators += [node for node, _ in hidden]
+        for node, param in zip(accumulators, reached, strict=True):
+            self._listen(node, param)
+            param.awaited, param.contribution = True, None
+        return handles, reached, record_chains
+
+    def _listen(self, accumulator: Any, param: _Param) -> None:
+        """Hooks a parameter's gradient accumulator, once: holding the node, the hook stays on it through later
+        forward passes (the parameter's next graph reuses a live accumulator), so that a step of 10,000 parameters
+        does not register and remove 10,000 hooks. Released at the end of the audit, and while watching is idle."""
+        known = self._accumulators.get(id(accumulator))
+        if known is None or known[0] is not accumulator:
+            handle = accumulator.register_prehook(functools.partial(self._on_contribution, param))
+            self._accumulators[id(accumulator)] = (accumulator, handle)
+
+    def _release_accumulators(self) -> None:
+        for _, handle in self._accumulators.values():
+            handle.remove()
+        self._accumulators.clear()
 
     @_guarded
-    def _on_contribution(self, seen: list, grad_outputs: tuple) -> None:
+    def _on_contribution(self, param: _Param, grad_outputs: tuple) -> None:
         grad = grad_outputs[0]
-        if grad is not None and not seen:
-            with self.mode.quiet(), torch.no_grad():
-                seen.append(norm_unread(grad))  # read with the others after the backward: one sync
+        if grad is None or not param.awaited:
+            return
+        param.awaited = False
+        mode = self.mode
+        paused, mode.paused = mode.paused, True  # `quiet()`, without a generator per parameter
+        try:
+            param.contribution = norm_unread(grad)  # of the detached gradient: no graph; read after, in one sync
+        finally:
+            mode.paused = paused
 
-    def _read_contributions(self, seen_by_param: list[tuple[_Param, list]]) -> None:
-        """Each contribution's norm, read in one batch per device; `seen[0]` becomes (norm, all finite). The rare
+    def _read_contributions(self, received: list[_Param]) -> list[tuple[float, bool]]:
+        """Each contribution's (norm, all finite), read in one batch per device. The rare
         non-finite norm is looked at again on the parameter's .grad (the contribution is not kept: a program that
         accumulates would hold a second copy of its gradients): overflow in the gradient's precision gets the norm
         in double, NaN/Inf stays, as it does in the .grad it was added to."""
-        with self.mode.quiet(), torch.no_grad():
-            sizes = read_all([seen[0] for _, seen in seen_by_param])
-            for (param, seen), size in zip(seen_by_param, sizes, strict=True):
-                grad = param.tensor.grad
-                if not math.isfinite(size) and grad is not None and all_finite(grad):
-                    size = norm(grad)
-                seen[0] = (size, math.isfinite(size))
+        with self._unobserved(), torch.no_grad():
+            sizes = read_all([param.contribution for param in received])
+            for i, param in enumerate(received):
+                if not math.isfinite(sizes[i]) and (grad := param.tensor.grad) is not None and all_finite(grad):
+                    sizes[i] = norm(grad)
+            return [(size, math.isfinite(size)) for size in sizes]
 
     def _hidden_leaves(self, view: GraphView) -> list[tuple[Any, torch.Tensor]]:
         """The known parameters a graph whose reach is unknown may still reach (through a nested backward, or below
@@ -1217,20 +1354,27 @@ class Recorder:
         return found
 
     @_guarded
-    def _after_backward(self, contributions: list, record_chains: Callable[[], None] | None) -> None:
+    def _after_backward(self, awaited: list[_Param], record_chains: Callable[[], None] | None) -> None:
         if record_chains is not None:
             record_chains()
-        self._read_contributions([(param, seen) for _, param, seen in contributions if seen])
-        self._term_from_contributions(contributions)
-        location = self.backwards[-1].location if self.backwards else None
-        received = []
-        for index, param, seen in contributions:
-            if not seen:
-                continue
-            size, finite = seen[0]
-            self._event("accumulate", param, backward=index, norm=size, finite=finite, location=location)
+        received = [param for param in awaited if param.contribution is not None]
+        sizes = self._read_contributions(received)
+        for param in awaited:
+            param.awaited, param.contribution = False, None
+        if not received:
+            return
+        backward = self.backwards[-1]
+        self._term_from_contributions(backward, received, sizes)
+        self._events(
+            "accumulate",
+            received,
+            backward=backward.index,
+            location=backward.location,
+            norms=[size for size, _ in sizes],
+            finite=[finite for _, finite in sizes],
+        )
+        for param in received:
             param.pending = True
-            received.append(param)
             if not param.owners and param.snapshot is None:
                 param.snapshot = param.tensor.detach().clone()
         self._refresh(received)
@@ -1317,21 +1461,20 @@ class Recorder:
         grads = torch.autograd.grad(edges, params, grad_outputs=seeds, retain_graph=True, allow_unused=True)
         return {pid: 0.0 if g is None else squared_norm(g) for pid, g in zip(reached, grads, strict=True)}
 
-    def _term_from_contributions(self, contributions: list) -> None:
+    def _term_from_contributions(
+        self, backward: _BackwardRecord, received: list[_Param], sizes: list[tuple[float, bool]]
+    ) -> None:
         """A one-term backward: the term's gradient per parameter is each parameter's contribution."""
-        if not contributions:
-            return
-        term = next((t for t in self.backwards[contributions[0][0]].terms if t.from_contributions), None)
+        term = next((t for t in backward.terms if t.from_contributions), None)
         if term is None:
             return
         listed = set(term.param_ids)
-        for _, param, seen in contributions:
-            if seen:
-                pid = id(param.tensor)
-                term.sq_norms[pid] = seen[0][0] ** 2
-                if pid not in listed:
-                    listed.add(pid)
-                    term.param_ids.append(pid)
+        for param, (size, _) in zip(received, sizes, strict=True):
+            pid = id(param.tensor)
+            term.sq_norms[pid] = size**2
+            if pid not in listed:
+                listed.add(pid)
+                term.param_ids.append(pid)
 
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
         upstream: dict[str, set[int]] = {}
@@ -1381,6 +1524,10 @@ class Recorder:
     # ---------------------------------------------------------------- the Trace
 
     def build_trace(self, program: str, stopped_by: str | None = None, note: str = "") -> Trace:
+        with collector_paused():
+            return self._build_trace(program, stopped_by, note)
+
+    def _build_trace(self, program: str, stopped_by: str | None, note: str) -> Trace:
         self._adopt_live_optimizers()
         names = self._final_names()
         groups = {pid: self.params[pid].group or self.params[pid].creation_group or names[pid] for pid in names}
@@ -1436,10 +1583,7 @@ class Recorder:
                 )
                 for b in self.backwards
             ],
-            events=[
-                GradEvent(e.seq, e.kind, names[e.param], e.backward, e.optimizer, e.norm, e.finite, e.by, e.location)
-                for e in self.events
-            ],
+            events=[event for batch in self.events for event in self._grad_events(batch, names)],
             regression_targets=[
                 RegressionTarget(
                     call.op,
@@ -1498,6 +1642,25 @@ class Recorder:
             raw_graphs=self.raw_graphs.graphs(names),
             light=self.light,
         )
+
+    @staticmethod
+    def _grad_events(batch: _Events, names: dict[int, str]) -> list[GradEvent]:
+        norms = batch.norms or [None] * len(batch.params)
+        finite = batch.finite or [True] * len(batch.params)
+        return [
+            GradEvent(
+                batch.seq + i,
+                batch.kind,
+                names[pid],
+                batch.backward,
+                batch.optimizer,
+                size,
+                ok,
+                batch.by,
+                batch.location,
+            )
+            for i, (pid, size, ok) in enumerate(zip(batch.params, norms, finite, strict=True))
+        ]
 
     def _module_label(self, module: nn.Module, names: dict[int, str]) -> str:
         """Its group when it was called at top level, else the dotted prefix its parameters' names share."""

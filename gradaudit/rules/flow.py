@@ -21,7 +21,11 @@ class Contribution:
 
 
 def contributions(trace: Trace) -> list[Contribution]:
-    """Replays the timeline: every later step applies what is pending; a wipe ends it."""
+    """Replays the timeline: every later step applies what is pending; a wipe ends it. Replayed once per Trace."""
+    return trace.derived(_replay)
+
+
+def _replay(trace: Trace) -> list[Contribution]:
     pending: dict[str, list[Contribution]] = {}
     found: list[Contribution] = []
     for event in sorted(trace.events, key=lambda e: e.seq):

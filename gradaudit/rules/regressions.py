@@ -27,7 +27,17 @@ def group_pairs(trace: Trace, declarations: Declarations) -> list[tuple[str, Gro
 
 def group_location(trace: Trace, group: str) -> Location | None:
     """Where the group first received gradient, else where an optimizer holding it was created."""
-    members = {p.name for p in trace.parameters if p.group == group}
-    received = (e.location for e in trace.events if e.kind == "accumulate" and e.param in members)
-    owners = sorted({i for p in trace.parameters if p.group == group for i in p.owners})
-    return first_location([*received, *(trace.optimizers[i].created_at for i in owners)])
+    owners = sorted({i for p in trace.groups().get(group, []) for i in p.owners})
+    received = trace.derived(_first_received).get(group)
+    return first_location([received, *(trace.optimizers[i].created_at for i in owners)])
+
+
+def _first_received(trace: Trace) -> dict[str, Location]:
+    """Each group's first accumulation with a location: one pass over the timeline for all groups (a finding per
+    group would otherwise read the whole timeline each)."""
+    group_of = {p.name: p.group for p in trace.parameters}
+    found: dict[str, Location] = {}
+    for event in trace.events:
+        if event.kind == "accumulate" and event.location is not None and event.param in group_of:
+            found.setdefault(group_of[event.param], event.location)
+    return found
