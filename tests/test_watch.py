@@ -183,3 +183,20 @@ def test_the_library_watches_a_loop_given_a_pace():
     assert audit.trace.watch.full[:5] == [True, False, False, True, False]
     (loss,) = [f for f in audit.findings if f.rule == "GA305" and f.subject == "loss"]
     assert loss.first_iteration == 12
+
+
+def test_between_samples_nothing_of_the_audit_runs_in_torch_calls():
+    """Idle, the provenance mode is off the stack and no module hook is left: the program runs at full speed."""
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    idle: list[bool] = []
+    with gradaudit.audit(iterations=1, watch=5) as audit:
+        for _ in range(30):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            optimizer.step()
+            hooked = torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
+            idle.append(not torch.overrides._get_current_function_mode_stack() and not hooked)
+    sampled = {i - offset for i in audit.trace.watch.iterations for offset in (1, 2)}  # armed at the step before
+    assert [i for i, free in enumerate(idle) if not free and i not in sampled] == []
+    assert sum(idle) >= 20

@@ -1024,7 +1024,11 @@ class Recorder:
         a third more time on small steps). The mode only when it is the only one on the stack: a mode the program
         entered since must find the stack as it left it."""
         self._unhook_modules()
-        if self._mode_on_stack and list(torch.overrides._get_current_function_mode_stack()) == [self.mode]:
+        stack = list(torch.overrides._get_current_function_mode_stack())
+        if self._mode_aside_at == 0 and not stack:  # closed inside a step, which has the mode aside: it stays off
+            self._mode_aside_at = None
+            self._mode_on_stack, self._mode_shelved = False, True
+        elif self._mode_on_stack and stack == [self.mode]:
             torch.overrides._pop_mode()
             self._mode_on_stack, self._mode_shelved = False, True
 
