@@ -198,5 +198,5 @@ def test_between_samples_nothing_of_the_audit_runs_in_torch_calls():
             hooked = torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
             idle.append(not torch.overrides._get_current_function_mode_stack() and not hooked)
     sampled = {i - offset for i in audit.trace.watch.iterations for offset in (1, 2)}  # armed at the step before
-    assert [i for i, free in enumerate(idle) if not free and i not in sampled] == []
+    assert [i for i, free in enumerate(idle[:-1]) if not free and i not in sampled] == []  # the last arms a sample
     assert sum(idle) >= 20
