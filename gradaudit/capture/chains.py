@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from gradaudit.capture.graph import GraphView
-from gradaudit.capture.provenance import ProvenanceMode
-from gradaudit.capture.source import location_of, user_frame
+from gradaudit.capture.provenance import ProvenanceMode, user_site
 from gradaudit.trace import ChainCall, Location
 
 _MAX_CALLS = 50_000
@@ -104,7 +103,8 @@ class ChainTracker:
     def leave(self, args: tuple, output: Any) -> None:
         opened = self._open.pop() if self._open else None
         if opened is not None:
-            self._record(*opened, args, output)
+            with self.mode.quiet():  # its reads of grad_fn and output_nr are not the program's ops
+                self._record(*opened, args, output)
 
     def _record(self, module: nn.Module, sequence_floor: int, args: tuple, output: Any) -> None:
         key = id(module)
@@ -126,7 +126,7 @@ class ChainTracker:
             [t.grad_fn for t in _tensors(args) if t.grad_fn is not None],
             sequence_floor,
             self.mode.clock,
-            location_of(user_frame()) if previous else None,
+            user_site()[0] if previous else None,
         )
         self.calls[index] = call
         while len(self.calls) > _MAX_CALLS:

@@ -1116,7 +1116,7 @@ class Recorder:
     def _on_contribution(self, seen: list, grad_outputs: tuple) -> None:
         grad = grad_outputs[0]
         if grad is not None and not seen:
-            with self.mode.quiet(), torch.no_grad():
+            with self.mode.quiet():  # norm_unread reads a detached view: no graph is built, whatever the grad mode
                 seen.append(norm_unread(grad))  # read with the others after the backward: one sync
 
     def _read_contributions(self, seen_by_param: list[tuple[_Param, list]]) -> None:
