@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradaudit.capture.graph import GraphView
-from gradaudit.capture.provenance import ProvenanceMode, user_site
+from gradaudit.capture.provenance import ProvenanceMode
 from gradaudit.trace import ChainCall, Location
 
 _MAX_CALLS = 50_000
@@ -126,7 +126,7 @@ class ChainTracker:
             [t.grad_fn for t in _tensors(args) if t.grad_fn is not None],
             sequence_floor,
             self.mode.clock,
-            user_site()[0] if previous else None,
+            self.mode.user_site()[0] if previous else None,
         )
         self.calls[index] = call
         while len(self.calls) > _MAX_CALLS:

@@ -53,7 +53,6 @@ _HOOK_REGISTRATIONS = {torch.Tensor.register_hook: "a gradient hook", torch.Tens
 _UNKNOWN = Break("unknown", "", None)
 """A constant whose origin was not seen (made before the audit, or by gradaudit's own reads)."""
 _MAX_SITES = 16_384
-_sites: dict[tuple[CodeType, int], tuple[Location | None, str]] = {}
 
 
 @dataclass
@@ -123,22 +122,6 @@ def _has_history(tensor: torch.Tensor) -> bool:
 
 def op_name(func: Callable) -> str:
     return getattr(func, "__name__", None) or str(func)
-
-
-def user_site() -> tuple[Location | None, str]:
-    """The user's line running now and the expression it evaluates, shared by every op made at that point of the
-    code (read once per call site: every recorded op has one). A path is made relative to the working directory of
-    the site's first op (reading it again costs a system call per op)."""
-    frame = user_frame(sys._getframe(1))
-    if frame is None:
-        return None, ""
-    key = (frame.f_code, frame.f_lasti)
-    site = _sites.get(key)
-    if site is None:
-        if len(_sites) >= _MAX_SITES:
-            _sites.clear()
-        site = _sites[key] = (location_of(frame), expression_of(frame))
-    return site
 
 
 def never_compiled(*functions: Callable) -> None:
@@ -227,10 +210,26 @@ class ProvenanceMode(TorchFunctionMode):
         """Graph node -> the program code a backward through it runs (hooks, saved-tensor hooks), in words."""
         self.wrapped_run = TensorMap()
         """Tensor -> length of the run of recorded nodes that ends at its grad_fn (see MAX_WRAPPED_RUN)."""
+        self._sites: dict[tuple[CodeType, int], tuple[Location | None, str]] = {}
 
     def quiet(self) -> _Quiet:
         """gradaudit's own torch calls are not the program's: keep them out of provenance (`with mode.quiet(): ...`)."""
         return _Quiet(self)
+
+    def user_site(self) -> tuple[Location | None, str]:
+        """The user's line running now and the expression it evaluates, shared by every op made at that point of the
+        code during the audit (read once per call site: every recorded op has one). Its path is relative to the
+        working directory of the site's first op (reading it again would cost a system call per op)."""
+        frame = user_frame(sys._getframe(1))
+        if frame is None:
+            return None, ""
+        key = (frame.f_code, frame.f_lasti)
+        site = self._sites.get(key)
+        if site is None:
+            if len(self._sites) >= _MAX_SITES:
+                self._sites.clear()
+            site = self._sites[key] = (location_of(frame), expression_of(frame))
+        return site
 
     def record_for(self, node: Any) -> OpRecord | None:
         entry = self.records.get(id(node))
@@ -273,7 +272,7 @@ class ProvenanceMode(TorchFunctionMode):
     def _note_hook_registration(self, func, args) -> None:
         tensor = args[0] if args else None
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad and not tensor.is_leaf:
-            where = user_site()[0]
+            where = self.user_site()[0]
             self.mark_user_code(tensor.grad_fn, f"{_HOOK_REGISTRATIONS[func]}{f' at {where}' if where else ''}")
 
     def _observe(self, func, name, args, kwargs, result, stats) -> None:
@@ -315,7 +314,7 @@ class ProvenanceMode(TorchFunctionMode):
         if name in NONFINITE_SOURCES:
             born, has_nan = nonfinite_birth(inputs, outputs)
             if record is None:
-                record = OpRecord(name, *user_site())
+                record = OpRecord(name, *self.user_site())
             candidate = NonFiniteCandidate(born, has_nan, tracked[0].grad_fn if tracked else None, record, self.clock)
             if tracked:
                 self.nonfinite.append(candidate)
@@ -389,7 +388,7 @@ class ProvenanceMode(TorchFunctionMode):
                 pending.popleft()
 
     def _record_graph_op(self, func, name, args, kwargs, outputs) -> OpRecord:
-        record = OpRecord(name, *user_site())
+        record = OpRecord(name, *self.user_site())
         self.last_sequence_nr = max(self.last_sequence_nr, outputs[-1].grad_fn._sequence_nr())
         for index, arg in enumerate(args):
             if isinstance(arg, torch.Tensor) and not arg.requires_grad:
@@ -480,4 +479,4 @@ class ProvenanceMode(TorchFunctionMode):
             self.python_values[float(value)] = self._break_here("item", torch.Tensor.item)
 
     def _break_here(self, kind: str, func: Callable) -> Break:
-        return Break(kind, op_name(func), *user_site())
+        return Break(kind, op_name(func), *self.user_site())
