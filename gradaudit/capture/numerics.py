@@ -198,17 +198,22 @@ class SaturationTracker:
         if sides == [None, None]:
             return {}
         a, b = a.detach(), b.detach()
-        picks_a, picks_b = (a > b, b > a) if kind == "max" else (a < b, b < a)
-        tie = ~(picks_a | picks_b)
-        picked = [_broadcast(picks_a | tie, output), _broadcast(picks_b | tie, output)]
-        dead = [_dead(state, output) for state in sides]
-        # The gradient reaches a dead element only: on a tie both operands share it, so both must be dead.
-        lost = _broadcast((picks_a & dead[0]) | (picks_b & dead[1]) | (tie & dead[0] & dead[1]), output)
-        if lost is None or None in picked:
+        picks = [a > b, b > a] if kind == "max" else [a < b, b < a]
+        tie = ~(picks[0] | picks[1])
+        tracked = [side for side, state in enumerate(sides) if state is not None]
+        dead = {side: _dead(sides[side], output) for side in tracked}
+        # The gradient reaches a dead element only: on a tie both operands share it, so both must be dead. A side
+        # without dead elements adds nothing, and is left out.
+        lost_where = [picks[side] & dead[side] for side in tracked] + (
+            [tie & dead[0] & dead[1]] if len(dead) == 2 else []
+        )
+        lost = _broadcast(functools.reduce(operator.or_, lost_where), output)
+        picked = {side: _broadcast(picks[side] | tie, output) for side in tracked}
+        if lost is None or None in picked.values():
             return {}
         caused: dict[Hashable, torch.Tensor] = {}
-        for side, state in enumerate(sides):
-            for clamp, behind in _aligned(state.by_clamp if state is not None else {}, output):
+        for side in tracked:
+            for clamp, behind in _aligned(sides[side].by_clamp, output):
                 here = lost & picked[side] & behind
                 caused[clamp] = caused[clamp] | here if clamp in caused else here
         return {clamp: float(mask.sum()) / max(output.numel(), 1) for clamp, mask in caused.items()}
@@ -238,8 +243,8 @@ def _broadcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
 
 def nonfinite_birth(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(born, has_nan) as 0-d tensors, left unread on an accelerator so that no device synchronises per op. On the
-    CPU, where reading costs no synchronisation, finite outputs (nearly every op) are settled by one sum each."""
-    if all(t.is_cpu for t in outputs) and all(_finite_sum(t) for t in outputs):
+    CPU, where reading costs no synchronisation, finite dense outputs (nearly every op) are settled by one sum each."""
+    if all(t.is_cpu and t.layout == torch.strided for t in outputs) and all(_finite_sum(t) for t in outputs):
         return _FALSE, _FALSE
     with torch.no_grad():
         inputs_finite = torch.stack([torch.isfinite(t).all() for t in inputs if t.is_floating_point()] or [_TRUE])
