@@ -213,9 +213,9 @@ class ChainTracker:
                 grad = grad_inputs[position]
                 if grad is None:
                     continue
-                grad = grad.detach().reshape(-1).double()
-                total = observed.param_grads.get(param)
-                observed.param_grads[param] = grad.clone() if total is None else total + grad
+                grad = grad.detach().reshape(-1)
+                total = observed.param_grads.get(param)  # kept in double: one copy, the engine's buffer is reused
+                observed.param_grads[param] = grad.to(torch.float64, copy=True) if total is None else total + grad
 
     def _param_edges(self, call: _Call, params: set[int]) -> dict[Any, list[tuple[int, int]]]:
         """Nodes this call created that feed one of the module's parameters: node -> [(edge index, id(param))]."""
