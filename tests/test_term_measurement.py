@@ -47,11 +47,11 @@ def _grad_norm(loss: torch.Tensor, module: nn.Module) -> float:
     return math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
 
 
-@pytest.mark.parametrize("seed", [None, 4.0], ids=["implicit", "given"])
-def test_terms_are_measured_alone_where_they_share_parameters_and_from_the_backward_elsewhere(seed):
+@pytest.mark.parametrize("call", ["plain", "gradient", "inputs"])
+def test_terms_are_measured_alone_where_they_share_parameters_and_from_the_backward_elsewhere(call):
     """`policy` and `entropy` share `scale`; `policy` alone reaches `actor` and `value` alone `critic`: those two
     are read from what the backward accumulates. A gradient given to backward() scales what it accumulates, never
-    a term's own gradient."""
+    a term's own gradient; `inputs` leave the other parameters without theirs: both are measured by passes."""
     torch.manual_seed(0)
     actor, critic, scale = nn.Linear(3, 1), nn.Linear(3, 1), nn.Linear(1, 1)
     x, one = torch.randn(8, 3), torch.ones(4, 1)
@@ -69,7 +69,12 @@ def test_terms_are_measured_alone_where_they_share_parameters_and_from_the_backw
     with gradaudit.audit() as audit:
         policy, value, entropy = terms_of()
         loss = audit.term("policy", policy) + audit.term("value", value) - audit.term("entropy", entropy)
-        loss.backward(None if seed is None else torch.tensor(seed))
+        if call == "plain":
+            loss.backward()
+        elif call == "gradient":
+            loss.backward(torch.tensor(4.0))
+        else:
+            loss.backward(inputs=[*actor.parameters(), *scale.parameters()])
     terms = _terms(audit)
     for name, norms in expected.items():
         assert terms[name].grad_norms == pytest.approx(norms), name

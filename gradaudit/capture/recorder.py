@@ -1038,10 +1038,11 @@ class Recorder:
                 arguments = signature.bind(*args, **kwargs).arguments
             except TypeError:
                 return original(*args, **kwargs)  # raises the program's own TypeError
-            roots, seeded = arguments[roots_argument], arguments.get("grad_tensors") is not None
+            roots = arguments[roots_argument]
+            whole = arguments.get("grad_tensors") is None and arguments.get("inputs") is None
             recorder._in_backward = True
             try:
-                prepared = recorder._before_backward(roots, accumulates, seeded)
+                prepared = recorder._before_backward(roots, accumulates, whole)
                 hooks, contributions, record_chains = prepared or ([], [], None)
                 try:
                     result = original(*args, **kwargs)
@@ -1061,8 +1062,9 @@ class Recorder:
         self._check_idle_loss(signature.bind(*args, **kwargs).arguments[roots_argument])
 
     @_guarded
-    def _before_backward(self, tensors: Any, accumulates: bool, seeded: bool = False) -> tuple[list, list, Any] | None:
-        """`seeded`: the backward was given the gradients of its roots (`grad_tensors`), which scale what it accumulates."""
+    def _before_backward(self, tensors: Any, accumulates: bool, whole: bool = True) -> tuple[list, list, Any] | None:
+        """`whole`: the backward was given neither its roots' gradients (`grad_tensors`, which scale what it
+        accumulates) nor `inputs` (which leave the other parameters without their gradient)."""
         if torch.compiler.is_compiling():  # AOT autograd tracing a compiled region's backward: not the program's
             return None
         frame = user_frame()
@@ -1079,8 +1081,8 @@ class Recorder:
             index = len(self.backwards)
             groups = [group for root in roots for group in self._term_groups(root, frame, view, location)]
             terms = [self._term(group, view) for group in groups]
-            from_unit_seeds = accumulates and not seeded and all(node is not None for node in nodes)
-            self._measure_terms(terms, groups, view, accumulates, from_unit_seeds)
+            reads_backward = accumulates and whole and all(node is not None for node in nodes)
+            self._measure_terms(terms, groups, view, accumulates, reads_backward)
             finite = all(bool(torch.isfinite(r.detach()).all()) for r in roots)
             reach_unknown = any(id(node) in view.reach_unknown for node in nodes if node is not None)
             self.backwards.append(
@@ -1224,11 +1226,13 @@ class Recorder:
         A backward with one term that reaches parameters (however many addends it merges; the others are dead) needs
         no extra pass: its gradient is what the real backward accumulates. With several, a parameter that only one
         term reaches also gets, from the real backward, that term's gradient and nothing else: every path from the
-        root to it runs through that term. So where the backward accumulates from unit seeds (`reads_backward`) and
-        every term's reach is known, a term is read from the backward on its own parameters, and an extra pass
-        covers only the parameters it shares (none: no pass). Exact, no subtraction: the value read is the one the
-        backward computed. No term gets an extra pass when a backward through it runs program code (hooks,
-        Python-defined nodes, checkpoint recomputation): its gradient is then not measured, and it says why.
+        root to it runs through that term. So where the backward accumulates into every parameter from unit seeds
+        (`reads_backward`) and every term's reach is known, a term is read from the backward on its own
+        parameters, and an extra pass covers only the parameters it shares (none: no pass). Exact, no subtraction:
+        the value read is the one the backward computed (the last term as the total less the others would leave
+        rounding noise where a dead term must read exactly zero for GA102). No term gets an extra pass when a
+        backward through it runs program code (hooks, Python-defined nodes, checkpoint recomputation): its gradient
+        is then not measured, and it says why.
         """
         if not self.term_grads:
             return
