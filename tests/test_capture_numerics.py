@@ -40,6 +40,24 @@ def test_exp_records_its_largest_input_and_float32_overflow():
     assert (exp.max_input, exp.overflow, exp.dtype, exp.max_output) == (95.0, 64, "float32", None)  # 64 rows hold 95
 
 
+def test_exp_of_nan_and_infinite_inputs_records_the_largest_finite_input():
+    inputs = torch.tensor([1.0, float("nan"), 95.0, float("inf")])
+    (exp,) = _one_step(lambda h: torch.exp(h * 0 + inputs).nan_to_num().mean()).exps
+    assert (exp.max_input, exp.overflow, exp.max_output) == (95.0, 64, None)
+    (exp,) = _one_step(lambda h: torch.exp(h * 0 - float("inf")).mean()).exps
+    assert (exp.max_input, exp.overflow, exp.max_output) == (-float("inf"), 0, 0.0)
+
+
+def test_finite_outputs_whose_sum_overflows_are_no_origin():
+    def loss_of(h):
+        large = h * 0 + 3e38  # finite, and so is every quotient below: only their sum overflows
+        scaled = large / 1.0
+        return torch.log(scaled - 3.2e38).mean() + h.mean()  # NaN: the origin
+
+    (origin,) = _one_step(loss_of).nonfinite_origins
+    assert (origin.op, origin.expression, origin.kind) == ("log", "torch.log(scaled - 3.2e38)", "nan")
+
+
 def test_the_first_op_to_produce_nan_from_finite_inputs_is_the_origin():
     def loss_of(h):
         ratio = h / h.abs().clamp_min(1e-6)  # finite

@@ -2,6 +2,7 @@
 
 import copy
 import sys
+import weakref
 
 import torch
 import torch.optim.optimizer as optimizer_module
@@ -9,6 +10,7 @@ from torch import nn
 from torch.nn.modules import module as module_module
 
 import gradaudit
+from gradaudit.capture.tensormap import TensorMap
 
 
 def _train(model: nn.Module, steps: int = 4) -> None:
@@ -129,3 +131,37 @@ def test_after_the_audit_a_backward_runs_no_code_of_gradaudit():
     finally:
         sys.setprofile(None)
     assert called == []
+
+
+def test_a_mode_the_program_enters_during_the_audit_stays_above_gradaudits_through_its_quiet_reads():
+    """gradaudit steps its mode off the stack for its own reads (zero_grad, backward): back in its place after."""
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradaudit.audit() as audit, torch.device("cpu"):
+        for _ in range(2):
+            loss = model(torch.randn(8, 4)).clamp(-0.1, 0.1).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            stack = torch.overrides._get_current_function_mode_stack()
+            assert [type(mode).__name__ for mode in stack] == ["ProvenanceMode", "DeviceContext"]
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert [(c.expression, c.backward) for c in audit.trace.clamps] == [
+        ("model(torch.randn(8, 4)).clamp(-0.1, 0.1)", 0),
+        ("model(torch.randn(8, 4)).clamp(-0.1, 0.1)", 1),
+    ]
+
+
+def test_what_is_recorded_per_tensor_keeps_no_tensor_alive_and_goes_with_it():
+    recorded = TensorMap()
+    tensor, other = torch.ones(3), torch.ones(3)
+    freed = weakref.ref(tensor)
+    recorded[tensor] = "detach at train.py:3"
+    assert (recorded.get(tensor), tensor in recorded, other in recorded, len(recorded)) == (
+        "detach at train.py:3",
+        True,
+        False,
+        1,
+    )
+    del tensor
+    assert freed() is None and len(recorded) == 0

@@ -42,6 +42,55 @@ def test_one_term_loss_is_measured_from_the_backward_itself():
     assert term.grad_norms["net"] == pytest.approx(math.sqrt(sum(float(g.pow(2).sum()) for g in expected)))
 
 
+def _grad_norm(loss: torch.Tensor, module: nn.Module) -> float:
+    grads = torch.autograd.grad(loss, list(module.parameters()), retain_graph=True)
+    return math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+
+
+@pytest.mark.parametrize("call", ["plain", "gradient", "inputs"])
+def test_terms_are_measured_alone_where_they_share_parameters_and_from_the_backward_elsewhere(call):
+    """`policy` and `entropy` share `scale`; `policy` alone reaches `actor` and `value` alone `critic`: those two
+    are read from what the backward accumulates. A gradient given to backward() scales what it accumulates, never
+    a term's own gradient; `inputs` leave the other parameters without theirs: both are measured by passes."""
+    torch.manual_seed(0)
+    actor, critic, scale = nn.Linear(3, 1), nn.Linear(3, 1), nn.Linear(1, 1)
+    x, one = torch.randn(8, 3), torch.ones(4, 1)
+
+    def terms_of() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spread = scale(one).exp().mean()
+        return (actor(x) * spread).pow(2).mean(), 0.5 * critic(x).pow(2).mean(), 0.01 * spread.log()
+
+    policy, value, entropy = terms_of()
+    expected = {
+        "policy": {"actor": _grad_norm(policy, actor), "scale": _grad_norm(policy, scale)},
+        "value": {"critic": _grad_norm(value, critic)},
+        "entropy": {"scale": _grad_norm(entropy, scale)},
+    }
+    with gradaudit.audit() as audit:
+        policy, value, entropy = terms_of()
+        loss = audit.term("policy", policy) + audit.term("value", value) - audit.term("entropy", entropy)
+        if call == "plain":
+            loss.backward()
+        elif call == "gradient":
+            loss.backward(torch.tensor(4.0))
+        else:
+            loss.backward(inputs=[*actor.parameters(), *scale.parameters()])
+    terms = _terms(audit)
+    for name, norms in expected.items():
+        assert terms[name].grad_norms == pytest.approx(norms), name
+
+
+def test_a_dead_term_on_parameters_it_alone_reaches_reads_exactly_zero():
+    torch.manual_seed(0)
+    actor, critic = nn.Linear(3, 1), nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    audit = _one_step(lambda a: actor(x).pow(2).mean() + 0.0 * critic(x).pow(2).mean())
+    terms = _terms(audit)
+    assert terms["0.0 * critic(x).pow(2).mean()"].grad_norms == {"critic": 0.0}
+    (finding,) = [f for f in audit.findings if f.rule == "GA102"]
+    assert finding.subject == "0.0 * critic(x).pow(2).mean()"
+
+
 class _Doubling(torch.autograd.Function):
     calls = 0
 
@@ -133,7 +182,9 @@ def test_loss_summed_over_a_loop_is_one_term_measured_in_one_pass():
     assert terms["step_loss"].addends == 1000
     total = sum(net(batch).pow(2).mean() for batch in batches)
     expected = torch.autograd.grad(total, list(net.parameters()))
-    assert terms["step_loss"].grad_norms["net"] == pytest.approx(math.sqrt(sum(float(g.pow(2).sum()) for g in expected)))
+    assert terms["step_loss"].grad_norms["net"] == pytest.approx(
+        math.sqrt(sum(float(g.pow(2).sum()) for g in expected))
+    )
 
 
 def test_an_addend_reached_along_many_paths_is_one_term_with_the_summed_scale():

@@ -21,7 +21,6 @@ from torch import nn
 
 from gradaudit.capture.graph import GraphView
 from gradaudit.capture.provenance import ProvenanceMode
-from gradaudit.capture.source import location_of, user_frame
 from gradaudit.trace import ChainCall, Location
 
 _MAX_CALLS = 50_000
@@ -104,7 +103,8 @@ class ChainTracker:
     def leave(self, args: tuple, output: Any) -> None:
         opened = self._open.pop() if self._open else None
         if opened is not None:
-            self._record(*opened, args, output)
+            with self.mode.quiet():  # its reads of grad_fn and output_nr are not the program's ops
+                self._record(*opened, args, output)
 
     def _record(self, module: nn.Module, sequence_floor: int, args: tuple, output: Any) -> None:
         key = id(module)
@@ -126,7 +126,7 @@ class ChainTracker:
             [t.grad_fn for t in _tensors(args) if t.grad_fn is not None],
             sequence_floor,
             self.mode.clock,
-            location_of(user_frame()) if previous else None,
+            self.mode.user_site()[0] if previous else None,
         )
         self.calls[index] = call
         while len(self.calls) > _MAX_CALLS:
@@ -213,9 +213,9 @@ class ChainTracker:
                 grad = grad_inputs[position]
                 if grad is None:
                     continue
-                grad = grad.detach().reshape(-1).double()
-                total = observed.param_grads.get(param)
-                observed.param_grads[param] = grad.clone() if total is None else total + grad
+                grad = grad.detach().reshape(-1)
+                total = observed.param_grads.get(param)  # kept in double: one copy, the engine's buffer is reused
+                observed.param_grads[param] = grad.to(torch.float64, copy=True) if total is None else total + grad
 
     def _param_edges(self, call: _Call, params: set[int]) -> dict[Any, list[tuple[int, int]]]:
         """Nodes this call created that feed one of the module's parameters: node -> [(edge index, id(param))]."""

@@ -6,6 +6,7 @@ Measured before the op executes, so in-place variants (`clamp_`, `exp_`) are see
 
 from __future__ import annotations
 
+import cmath
 import functools
 import math
 import operator
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from gradaudit.capture.tensormap import TensorMap
 
 CLAMPS = frozenset({"clamp", "clip", "clamp_", "clip_", "clamp_min", "clamp_max", "clamp_min_", "clamp_max_"})
 HARDTANH = frozenset({"hardtanh", "hardtanh_"})
@@ -113,10 +115,16 @@ def measure(op: str, args: tuple, kwargs: dict) -> ClampStats | ExpStats | None:
 
 
 def _exp_stats(x: torch.Tensor) -> ExpStats:
-    finite = x[torch.isfinite(x)]
-    max_input = float(finite.max()) if finite.numel() else -math.inf
+    """The largest finite input and how many finite inputs overflow. When the largest input is finite (no NaN, no
+    +Inf) it is the largest finite one, and only an input above the overflow point needs the elements counted."""
     overflow_at = math.log(torch.finfo(x.dtype).max)
-    overflow = int((finite > overflow_at).sum())
+    max_input = float(x.max())
+    if math.isfinite(max_input):
+        overflow = int((x > overflow_at).sum()) if max_input > overflow_at else 0
+    else:
+        finite = x[torch.isfinite(x)]
+        max_input = float(finite.max()) if finite.numel() else -math.inf
+        overflow = int((finite > overflow_at).sum())
     max_output = math.exp(max_input) if max_input <= overflow_at else None
     return ExpStats(str(x.dtype).removeprefix("torch."), max_input, max_output, overflow, x.numel())
 
@@ -135,7 +143,7 @@ class SaturationTracker:
     branch and an unclamped twin (PPO's ratio and value clipping), and measures how often it picks a dead element."""
 
     def __init__(self) -> None:
-        self._state: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._state = TensorMap()
 
     def __bool__(self) -> bool:
         return len(self._state) > 0
@@ -190,17 +198,22 @@ class SaturationTracker:
         if sides == [None, None]:
             return {}
         a, b = a.detach(), b.detach()
-        picks_a, picks_b = (a > b, b > a) if kind == "max" else (a < b, b < a)
-        tie = ~(picks_a | picks_b)
-        picked = [_broadcast(picks_a | tie, output), _broadcast(picks_b | tie, output)]
-        dead = [_dead(state, output) for state in sides]
-        # The gradient reaches a dead element only: on a tie both operands share it, so both must be dead.
-        lost = _broadcast((picks_a & dead[0]) | (picks_b & dead[1]) | (tie & dead[0] & dead[1]), output)
-        if lost is None or None in picked:
+        picks = [a > b, b > a] if kind == "max" else [a < b, b < a]
+        tie = ~(picks[0] | picks[1])
+        tracked = [side for side, state in enumerate(sides) if state is not None]
+        dead = {side: _dead(sides[side], output) for side in tracked}
+        # The gradient reaches a dead element only: on a tie both operands share it, so both must be dead. A side
+        # without dead elements adds nothing, and is left out.
+        lost_where = [picks[side] & dead[side] for side in tracked] + (
+            [tie & dead[0] & dead[1]] if len(dead) == 2 else []
+        )
+        lost = _broadcast(functools.reduce(operator.or_, lost_where), output)
+        picked = {side: _broadcast(picks[side] | tie, output) for side in tracked}
+        if lost is None or None in picked.values():
             return {}
         caused: dict[Hashable, torch.Tensor] = {}
-        for side, state in enumerate(sides):
-            for clamp, behind in _aligned(state.by_clamp if state is not None else {}, output):
+        for side in tracked:
+            for clamp, behind in _aligned(sides[side].by_clamp, output):
                 here = lost & picked[side] & behind
                 caused[clamp] = caused[clamp] | here if clamp in caused else here
         return {clamp: float(mask.sum()) / max(output.numel(), 1) for clamp, mask in caused.items()}
@@ -220,26 +233,31 @@ def _dead(state: _ZeroGrad | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _broadcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
-    """The mask in `like`'s shape and device, or None when the op was not elementwise after all."""
-    try:
-        if torch.broadcast_shapes(mask.shape, like.shape) != like.shape:
-            return None
-    except RuntimeError:
+    """The mask in `like`'s shape and device, or None when the op was not elementwise after all (the mask does not
+    broadcast to that shape)."""
+    shape, target = mask.shape, like.shape
+    if len(shape) > len(target) or any(m != 1 and m != t for m, t in zip(reversed(shape), reversed(target))):
         return None
-    return mask.to(like.device).expand(like.shape)
+    return mask.to(like.device).expand(target)
 
 
 def nonfinite_birth(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(born, has_nan) as 0-d tensors, left unread on an accelerator so that no device synchronises per op. On the
-    CPU, where reading costs no synchronisation, finite outputs (nearly every op) are settled by one check."""
+    CPU, where reading costs no synchronisation, finite dense outputs (nearly every op) are settled by one sum each."""
+    if all(t.is_cpu and t.layout == torch.strided for t in outputs) and all(_finite_sum(t) for t in outputs):
+        return _FALSE, _FALSE
     with torch.no_grad():
-        if all(t.device.type == "cpu" for t in outputs) and all(bool(torch.isfinite(t).all()) for t in outputs):
-            return _FALSE, _FALSE
         inputs_finite = torch.stack([torch.isfinite(t).all() for t in inputs if t.is_floating_point()] or [_TRUE])
         outputs_finite = torch.stack([torch.isfinite(t).all() for t in outputs])
         has_nan = torch.stack([torch.isnan(t).any() for t in outputs]).any()
         born = inputs_finite.all().to(outputs_finite.device) & ~outputs_finite.all()
     return born, has_nan
+
+
+def _finite_sum(tensor: torch.Tensor) -> bool:
+    """Whether the elements' sum is finite, which they all are then (a NaN or Inf among them makes it NaN or Inf);
+    a sum that overflows says nothing, and the caller looks at every element. A fifth of `isfinite().all()`'s cost."""
+    return cmath.isfinite(tensor.detach().sum().item())
 
 
 _TRUE, _FALSE = torch.tensor(True), torch.tensor(False)

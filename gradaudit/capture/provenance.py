@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
+import sys
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any
@@ -21,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from gradaudit.capture.numerics import (
     GATES,
@@ -34,6 +32,7 @@ from gradaudit.capture.numerics import (
     nonfinite_birth,
 )
 from gradaudit.capture.source import call_argument_text, called_by_user, expression_of, location_of, user_frame
+from gradaudit.capture.tensormap import TensorMap
 from gradaudit.trace import Break, Location, Selection
 
 _DETACHING = {torch.Tensor.detach, torch.detach, torch.Tensor.detach_}
@@ -51,6 +50,9 @@ MAX_WRAPPED_RUN = 4_096
 """Longest chain of consecutive graph nodes the mode records: a recorded node keeps a Python wrapper, and PyTorch
 frees a chain of wrapped nodes recursively on the C stack; one node in each run is left unrecorded."""
 _HOOK_REGISTRATIONS = {torch.Tensor.register_hook: "a gradient hook", torch.Tensor.retain_grad: "retain_grad()"}
+_UNKNOWN = Break("unknown", "", None)
+"""A constant whose origin was not seen (made before the audit, or by gradaudit's own reads)."""
+_MAX_SITES = 16_384
 
 
 @dataclass
@@ -119,7 +121,7 @@ def _has_history(tensor: torch.Tensor) -> bool:
 
 
 def op_name(func: Callable) -> str:
-    return getattr(func, "__name__", str(func))
+    return getattr(func, "__name__", None) or str(func)
 
 
 def never_compiled(*functions: Callable) -> None:
@@ -144,35 +146,40 @@ def _saved_tensor_hooks_active() -> bool:
     return _TOP_SAVED_TENSOR_HOOKS is not None and _TOP_SAVED_TENSOR_HOOKS(True) is not None
 
 
-class _RunLengths:
-    """Tensor -> length of the run of recorded nodes that ends at its grad_fn (see MAX_WRAPPED_RUN).
-
-    A plain dict keyed by id, with a weak reference that tells a live tensor from a dead one whose id was reused: a
-    lookup costs a fifth of a WeakIdKeyDictionary's, and every op with history pays one per input. Dead entries are
-    dropped whenever the dict has doubled.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, int]] = {}
-        self._prune_at = 1024
-
-    def get(self, tensor: torch.Tensor) -> int:
-        entry = self._entries.get(id(tensor))
-        return entry[1] if entry is not None and entry[0]() is tensor else 0
-
-    def set(self, tensor: torch.Tensor, run: int) -> None:
-        self._entries[id(tensor)] = (weakref.ref(tensor), run)
-        if len(self._entries) > self._prune_at:
-            self._entries = {key: entry for key, entry in self._entries.items() if entry[0]() is not None}
-            self._prune_at = max(1024, 2 * len(self._entries))
-
-
-def _tensors(values: Any) -> Iterator[torch.Tensor]:
+def _tensors(values: Any) -> list[torch.Tensor]:
+    """The tensors among `values`, and inside the lists and tuples among them."""
+    found = []
     for value in values:
         if isinstance(value, torch.Tensor):
-            yield value
+            found.append(value)
         elif isinstance(value, (list, tuple)):
-            yield from (v for v in value if isinstance(v, torch.Tensor))
+            found += [v for v in value if isinstance(v, torch.Tensor)]
+    return found
+
+
+class _Quiet:
+    """Keeps a mode from observing for a while. Where it is on top of this thread's mode stack, it steps off the
+    stack (and back on at the end), so that torch dispatches nothing to it at all: every call dispatched to a paused
+    mode still costs a Python call, and gradaudit's own reads make hundreds per step. Elsewhere it is paused."""
+
+    __slots__ = ("_mode", "_off_stack", "_was_paused")
+
+    def __init__(self, mode: ProvenanceMode) -> None:
+        self._mode = mode
+
+    def __enter__(self) -> None:
+        depth = torch._C._len_torch_function_stack()
+        self._off_stack = depth > 0 and torch._C._get_function_stack_at(depth - 1) is self._mode
+        if self._off_stack:
+            torch._C._pop_torch_function_stack()
+        else:
+            self._was_paused, self._mode.paused = self._mode.paused, True
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._off_stack:
+            torch._C._push_on_torch_function_stack(self._mode)
+        else:
+            self._mode.paused = self._was_paused
 
 
 class ProvenanceMode(TorchFunctionMode):
@@ -180,18 +187,18 @@ class ProvenanceMode(TorchFunctionMode):
         super().__init__()
         never_compiled(ProvenanceMode.__torch_function__)
         self.records: OrderedDict[int, tuple[Any, OpRecord]] = OrderedDict()
-        self.constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.named_constants: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.constants = TensorMap()
+        self.named_constants = TensorMap()
         self.python_values: dict[float, Break] = {}
         self.numbers_seen: dict[tuple[CodeType, int, CodeType | None, int], numbers.Number] = {}
         """The first number each call site (and its caller's) turned into a tensor: if it changes, data feeds it."""
         self.regression_calls: list[RegressionCall] = []
-        self.lineage: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.lineage = TensorMap()
         self.measured: deque[Measured] = deque(maxlen=_MAX_PENDING)
         self.nonfinite: deque[NonFiniteCandidate] = deque(maxlen=_MAX_PENDING)
         """Candidates on graphs, found by their node."""
         self.saturation = SaturationTracker()
-        self.nonfinite_from: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.nonfinite_from = TensorMap()
         """Constant tensor -> the candidates its data came through, so that NaN data reaching a loss is traced."""
         self.clock = 0
         """Ops observed so far: pending records older than the previous iteration are dropped by it."""
@@ -201,16 +208,28 @@ class ProvenanceMode(TorchFunctionMode):
         self.errors = 0
         self.user_code: OrderedDict[int, tuple[Any, str]] = OrderedDict()
         """Graph node -> the program code a backward through it runs (hooks, saved-tensor hooks), in words."""
-        self.wrapped_run = _RunLengths()
+        self.wrapped_run = TensorMap()
+        """Tensor -> length of the run of recorded nodes that ends at its grad_fn (see MAX_WRAPPED_RUN)."""
+        self._sites: dict[tuple[CodeType, int], tuple[Location | None, str]] = {}
 
-    @contextmanager
-    def quiet(self) -> Iterator[None]:
-        """gradaudit's own torch calls are not the program's: keep them out of provenance."""
-        previous, self.paused = self.paused, True
-        try:
-            yield
-        finally:
-            self.paused = previous
+    def quiet(self) -> _Quiet:
+        """gradaudit's own torch calls are not the program's: keep them out of provenance (`with mode.quiet(): ...`)."""
+        return _Quiet(self)
+
+    def user_site(self) -> tuple[Location | None, str]:
+        """The user's line running now and the expression it evaluates, shared by every op made at that point of the
+        code during the audit (read once per call site: every recorded op has one). Its path is relative to the
+        working directory of the site's first op (reading it again would cost a system call per op)."""
+        frame = user_frame(sys._getframe(1))
+        if frame is None:
+            return None, ""
+        key = (frame.f_code, frame.f_lasti)
+        site = self._sites.get(key)
+        if site is None:
+            if len(self._sites) >= _MAX_SITES:
+                self._sites.clear()
+            site = self._sites[key] = (location_of(frame), expression_of(frame))
+        return site
 
     def record_for(self, node: Any) -> OpRecord | None:
         entry = self.records.get(id(node))
@@ -253,7 +272,7 @@ class ProvenanceMode(TorchFunctionMode):
     def _note_hook_registration(self, func, args) -> None:
         tensor = args[0] if args else None
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad and not tensor.is_leaf:
-            where = location_of(user_frame())
+            where = self.user_site()[0]
             self.mark_user_code(tensor.grad_fn, f"{_HOOK_REGISTRATIONS[func]}{f' at {where}' if where else ''}")
 
     def _observe(self, func, name, args, kwargs, result, stats) -> None:
@@ -264,13 +283,12 @@ class ProvenanceMode(TorchFunctionMode):
         outputs = (
             [result]
             if isinstance(result, torch.Tensor)
-            else list(_tensors(result if isinstance(result, (list, tuple)) else ()))
+            else _tensors(result if isinstance(result, (list, tuple)) else ())
         )
         if not outputs:
             return
         tracked = [o for o in outputs if _has_history(o)]
-        needs_inputs = tracked or self.lineage or self.nonfinite_from or name in NONFINITE_SOURCES or stats is not None
-        inputs = list(_tensors([*args, *kwargs.values()])) if needs_inputs else []
+        inputs = _tensors((*args, *kwargs.values()) if kwargs else args)
         if self.lineage:
             self._inherit_lineage(inputs, outputs)
         sources = self._nonfinite_sources(inputs) if self.nonfinite_from else []
@@ -278,7 +296,7 @@ class ProvenanceMode(TorchFunctionMode):
             tracked = []
         record = None
         if tracked:
-            record = self._record_graph_op(func, args, kwargs, tracked)
+            record = self._record_graph_op(func, name, args, kwargs, tracked)
             record.nonfinite_inputs = sources
             if _saved_tensor_hooks_active():
                 what = f"saved-tensor hooks (activation checkpointing) around {record.location or record.op}"
@@ -289,15 +307,14 @@ class ProvenanceMode(TorchFunctionMode):
                 self.measured.append(measured)
             self._follow_saturation(name, args, kwargs, inputs, tracked[0], record, measured)
         elif all(not o.requires_grad for o in outputs):
-            origin = self._constant_origin(func, args, kwargs)
+            origin = self._constant_origin(func, args, kwargs, inputs)
             if origin is not None:
                 for output in outputs:
                     self.constants[output] = origin
         if name in NONFINITE_SOURCES:
             born, has_nan = nonfinite_birth(inputs, outputs)
             if record is None:
-                frame = user_frame()
-                record = OpRecord(name, location_of(frame), expression_of(frame))
+                record = OpRecord(name, *self.user_site())
             candidate = NonFiniteCandidate(born, has_nan, tracked[0].grad_fn if tracked else None, record, self.clock)
             if tracked:
                 self.nonfinite.append(candidate)
@@ -330,12 +347,12 @@ class ProvenanceMode(TorchFunctionMode):
         """Whether recording these outputs keeps every run of recorded nodes within MAX_WRAPPED_RUN."""
         longest = 0
         for tensor in inputs:
-            longest = max(longest, self.wrapped_run.get(tensor))
+            longest = max(longest, self.wrapped_run.get(tensor, 0))
         run = longest + 1
         if run > MAX_WRAPPED_RUN:
             return False
         for output in outputs:
-            self.wrapped_run.set(output, run)
+            self.wrapped_run[output] = run
         return True
 
     def _nonfinite_sources(self, inputs: list[torch.Tensor]) -> list[NonFiniteCandidate]:
@@ -370,13 +387,12 @@ class ProvenanceMode(TorchFunctionMode):
             while pending and pending[0].clock < clock:
                 pending.popleft()
 
-    def _record_graph_op(self, func, args, kwargs, outputs) -> OpRecord:
-        frame = user_frame()
-        record = OpRecord(op_name(func), location_of(frame), expression_of(frame))
+    def _record_graph_op(self, func, name, args, kwargs, outputs) -> OpRecord:
+        record = OpRecord(name, *self.user_site())
         self.last_sequence_nr = max(self.last_sequence_nr, outputs[-1].grad_fn._sequence_nr())
         for index, arg in enumerate(args):
             if isinstance(arg, torch.Tensor) and not arg.requires_grad:
-                record.constant_args[index] = self.constants.get(arg) or Break("unknown", "", None)
+                record.constant_args[index] = self.constants.get(arg) or _UNKNOWN
                 if arg in self.named_constants:
                     record.constant_names[index] = self.named_constants[arg]
                 if arg.numel() == 1:
@@ -418,8 +434,7 @@ class ProvenanceMode(TorchFunctionMode):
             return 1.0 / value
         return None
 
-    def _constant_origin(self, func, args, kwargs) -> Break | None:
-        inputs = list(_tensors(list(args) + list(kwargs.values())))
+    def _constant_origin(self, func, args, kwargs, inputs: list[torch.Tensor]) -> Break | None:
         if func in _DETACHING and inputs and inputs[0].requires_grad:
             return self._break_here("detach", func)
         if not torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
@@ -432,7 +447,7 @@ class ProvenanceMode(TorchFunctionMode):
             if isinstance(data, numbers.Number):
                 return self._number_origin(data, func)
             return self._break_here("from_data", func)
-        inherited = [self.constants.get(t) or Break("unknown", "", None) for t in inputs if not t.requires_grad]
+        inherited = [self.constants.get(t) or _UNKNOWN for t in inputs if not t.requires_grad]
         if not inputs:
             return self._break_here("factory", func)
         causes = sorted(
@@ -464,5 +479,4 @@ class ProvenanceMode(TorchFunctionMode):
             self.python_values[float(value)] = self._break_here("item", torch.Tensor.item)
 
     def _break_here(self, kind: str, func: Callable) -> Break:
-        frame = user_frame()
-        return Break(kind, op_name(func), location_of(frame), expression_of(frame))
+        return Break(kind, op_name(func), *self.user_site())

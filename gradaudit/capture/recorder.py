@@ -214,6 +214,8 @@ class _TermRecord:
     grads_skipped: str = ""
     from_contributions: bool = False
     """Its gradient is the whole backward's: read from what the real backward accumulates, no extra pass."""
+    alone: list[int] = field(default_factory=list)
+    """Parameters no other term reaches: their gradient from this term is what the real backward accumulates."""
 
     @property
     def may_reach_parameters(self) -> bool:
@@ -1222,13 +1224,16 @@ class Recorder:
                     recorder._guarded_idle_check(signature, roots_argument, args, kwargs)
                 return original(*args, **kwargs)
             try:
-                roots = signature.bind(*args, **kwargs).arguments[roots_argument]
+                arguments = signature.bind(*args, **kwargs).arguments
             except TypeError:
                 return original(*args, **kwargs)  # raises the program's own TypeError
+            roots = arguments[roots_argument]
+            whole = arguments.get("grad_tensors") is None and arguments.get("inputs") is None
             recorder._in_backward = True
             recorded = len(recorder.backwards)
             try:
-                hooks, awaited, record_chains = recorder._before_backward(roots, accumulates) or ([], [], None)
+                prepared = recorder._before_backward(roots, accumulates, whole)
+                hooks, awaited, record_chains = prepared or ([], [], None)
                 try:
                     result = original(*args, **kwargs)
                 finally:
@@ -1257,7 +1262,9 @@ class Recorder:
         self._check_idle_loss(signature.bind(*args, **kwargs).arguments[roots_argument])
 
     @_guarded
-    def _before_backward(self, tensors: Any, accumulates: bool) -> tuple[list, list, Any] | None:
+    def _before_backward(self, tensors: Any, accumulates: bool, whole: bool = True) -> tuple[list, list, Any] | None:
+        """`whole`: the backward was given neither its roots' gradients (`grad_tensors`, which scale what it
+        accumulates) nor `inputs` (which leave the other parameters without their gradient)."""
         if torch.compiler.is_compiling():  # AOT autograd tracing a compiled region's backward: not the program's
             return None
         frame = user_frame()
@@ -1273,7 +1280,8 @@ class Recorder:
             index = len(self.backwards)
             groups = [group for root in roots for group in self._term_groups(root, frame, view, location)]
             terms = [self._term(group, view) for group in groups]
-            self._measure_terms(terms, groups, view, accumulates)
+            reads_backward = accumulates and whole and all(node is not None for node in nodes)
+            self._measure_terms(terms, groups, view, accumulates, reads_backward)
             finite = all(bool(torch.isfinite(r.detach()).all()) for r in roots)
             reach_unknown = any(id(node) in view.reach_unknown for node in nodes if node is not None)
             self.backwards.append(
@@ -1434,13 +1442,25 @@ class Recorder:
         )
 
     def _measure_terms(
-        self, terms: list[_TermRecord], groups: list[TermGroup], view: GraphView, accumulates: bool
+        self,
+        terms: list[_TermRecord],
+        groups: list[TermGroup],
+        view: GraphView,
+        accumulates: bool,
+        reads_backward: bool,
     ) -> None:
         """Each term's own gradient per parameter, running no program code twice.
 
         A backward with one term that reaches parameters (however many addends it merges; the others are dead) needs
-        no extra pass: its gradient is what the real backward accumulates. Otherwise each term gets an extra pass, unless a backward through it runs program code
-        (hooks, Python-defined nodes, checkpoint recomputation): then its gradient is not measured, and it says why.
+        no extra pass: its gradient is what the real backward accumulates. With several, a parameter that only one
+        term reaches also gets, from the real backward, that term's gradient and nothing else: every path from the
+        root to it runs through that term. So where the backward accumulates into every parameter from unit seeds
+        (`reads_backward`) and every term's reach is known, a term is read from the backward on its own
+        parameters, and an extra pass covers only the parameters it shares (none: no pass). Exact, no subtraction:
+        the value read is the one the backward computed (the last term as the total less the others would leave
+        rounding noise where a dead term must read exactly zero for GA102). No term gets an extra pass when a
+        backward through it runs program code (hooks, Python-defined nodes, checkpoint recomputation): its gradient
+        is then not measured, and it says why.
         """
         if not self.term_grads:
             return
@@ -1448,14 +1468,33 @@ class Recorder:
         if len(live) == 1:
             live[0][0].from_contributions = accumulates
             return
+        shared = self._shared_params([term for term, _ in live]) if reads_backward else None
         for term, group in live:
             if term.user_code is not None:
                 term.grads_skipped = f"a backward through it runs {term.user_code}"
-            else:
-                term.sq_norms = self._term_gradients(group, view, term.param_ids)
+                continue
+            passed = term.param_ids
+            if shared is not None:
+                passed = [pid for pid in term.param_ids if pid in shared]
+                term.alone = [pid for pid in term.param_ids if pid not in shared]
+            if passed:
+                term.sq_norms = self._term_gradients(group, view, passed)
+
+    @staticmethod
+    def _shared_params(terms: list[_TermRecord]) -> set[int] | None:
+        """Parameters more than one term reaches; None when some term may reach parameters the walk did not see."""
+        if any(term.reach_unknown for term in terms):
+            return None
+        seen: set[int] = set()
+        shared: set[int] = set()
+        for term in terms:
+            for pid in term.param_ids:
+                (shared if pid in seen else seen).add(pid)
+        return shared
 
     def _term_gradients(self, group: TermGroup, view: GraphView, reached: list[int]) -> dict[int, float]:
-        """The term's own gradient per parameter: an extra non-accumulating backward from its graph edges."""
+        """The term's own gradient per parameter: an extra non-accumulating backward from its graph edges to `reached`
+        (autograd runs only the part of the graph that leads to them)."""
         edges, seeds = [], []
         for part in group.edges:
             metadata = part.node._input_metadata[part.output_nr]
@@ -1468,17 +1507,17 @@ class Recorder:
     def _term_from_contributions(
         self, backward: _BackwardRecord, received: list[_Param], sizes: list[tuple[float, bool]]
     ) -> None:
-        """A one-term backward: the term's gradient per parameter is each parameter's contribution."""
-        term = next((t for t in backward.terms if t.from_contributions), None)
-        if term is None:
-            return
-        listed = set(term.param_ids)
-        for param, (size, _) in zip(received, sizes, strict=True):
-            pid = id(param.tensor)
-            term.sq_norms[pid] = size**2
-            if pid not in listed:
-                listed.add(pid)
-                term.param_ids.append(pid)
+        """What the real backward accumulated, as term gradients: each parameter's contribution is the gradient of a
+        one-term backward's term, and of the term that alone reaches it. A parameter the backward left no gradient
+        (it stopped early, or its gradient was undefined) stays unmeasured, as it would for a one-term backward."""
+        accumulated = {id(param.tensor): size for param, (size, _) in zip(received, sizes, strict=True)}
+        for term in backward.terms:
+            if term.from_contributions:
+                listed = set(term.param_ids)
+                term.param_ids += [pid for pid in accumulated if pid not in listed]
+            for pid in term.param_ids if term.from_contributions else term.alone:
+                if pid in accumulated:
+                    term.sq_norms[pid] = accumulated[pid] ** 2
 
     def _upstream(self, view: GraphView) -> dict[str, list[int]]:
         upstream: dict[str, set[int]] = {}
