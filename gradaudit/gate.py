@@ -155,7 +155,9 @@ def project_path(file: str) -> str:
 
 
 def fingerprint(rule: str, subject: str, location: Location | None) -> LockedFinding:
-    file, text = ("", "") if location is None else (project_path(location.file), source_text(location.file, location.line))
+    file, text = (
+        ("", "") if location is None else (project_path(location.file), source_text(location.file, location.line))
+    )
     digest = hashlib.sha256("\x1f".join((rule, subject, file, text)).encode()).hexdigest()[:16]
     return LockedFinding(digest, rule, subject, file, text)
 

@@ -106,7 +106,9 @@ class Script:
 
 
 def _state(*modules: nn.Module, **extra: torch.Tensor) -> State:
-    found = {f"{index}.{name}": t.detach().clone() for index, m in enumerate(modules) for name, t in m.state_dict().items()}
+    found = {
+        f"{index}.{name}": t.detach().clone() for index, m in enumerate(modules) for name, t in m.state_dict().items()
+    }
     return {**found, **{name: t.detach().clone() for name, t in extra.items()}}
 
 
@@ -258,7 +260,9 @@ def forked_worker() -> State:
 
     model = nn.Linear(4, 1)
     model.share_memory()
-    child = multiprocessing.get_context("fork").Process(target=_steps, args=(model, lambda x: model(x).pow(2).mean(), 6))
+    child = multiprocessing.get_context("fork").Process(
+        target=_steps, args=(model, lambda x: model(x).pow(2).mean(), 6)
+    )
     child.start()
     child.join()
     assert child.exitcode == 0

@@ -29,7 +29,10 @@ def test_term_not_measured_in_some_pass_is_not_reported():
         return Backward(index, Location("train.py", 14), True, True, [term], ["policy"])
 
     measured_zero = backward(0, grad_norms={"policy": 0.0})
-    assert [f.subject for f in ga102_zero_grad_term.RULE.run(Trace("t.py", Window(1, "iterations"), backwards=[measured_zero]))] == ["0.0 * entropy"]
+    assert [
+        f.subject
+        for f in ga102_zero_grad_term.RULE.run(Trace("t.py", Window(1, "iterations"), backwards=[measured_zero]))
+    ] == ["0.0 * entropy"]
     skipped = backward(1, grads_skipped="a backward through it runs a gradient hook at train.py:9")
     trace = Trace("t.py", Window(2, "iterations"), backwards=[measured_zero, skipped])
     assert ga102_zero_grad_term.RULE.run(trace) == []

@@ -139,7 +139,14 @@ def test_term_whose_gradient_was_not_measured_is_never_reported():
     """A term whose backward runs program code (a hook, a custom Function) is not measured alone: no claim on it."""
     skipped = Term("alpha * q_loss", Q_LINE, False, ["velocity_net"], {}, grads_skipped="a backward through it runs x")
     passes = [
-        Backward(i, BACKWARD, True, True, [Term("bc_loss", BC_LINE, False, ["velocity_net"], {"velocity_net": 8.5}), skipped], ["velocity_net"])
+        Backward(
+            i,
+            BACKWARD,
+            True,
+            True,
+            [Term("bc_loss", BC_LINE, False, ["velocity_net"], {"velocity_net": 8.5}), skipped],
+            ["velocity_net"],
+        )
         for i in range(3)
     ]
     assert DOMINANCE.run(trace_with(*passes)) == []
