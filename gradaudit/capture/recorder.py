@@ -1067,7 +1067,7 @@ class Recorder:
         with self.mode.quiet():
             self._checkpoint(location)
             nodes = [r.grad_fn for r in roots]
-            view = walk(nodes, self._is_parameter, self.mode.user_code_for, self.max_nodes)
+            view = walk(nodes, self._is_parameter, self.mode.user_code, self.max_nodes)
             self.raw_graphs.capture(location, view)
             for pid in view.param_ids:
                 self._param(view.leaves[pid][1])
