@@ -469,6 +469,26 @@ class Recorder:
             except Exception:  # noqa: BLE001 - every other step must still run
                 self.internal_errors += 1
 
+    def release_graphs(self) -> None:
+        """Once the trace is built: drops every reference to the program's graph nodes (op records, hooks, named
+        terms, module inputs, chains, regressions, numerics), so that an audit kept after its block keeps no
+        autograd graph, nor the tensors its nodes saved, alive."""
+        mode = self.mode
+        for held in (
+            mode.records,
+            mode.user_code,
+            mode.regression_calls,
+            mode.measured,
+            mode.nonfinite,
+            self.chain_tracker.calls,
+            self.user_term_names,
+            self.module_inputs,
+            self.regression_targets,
+            self.measured,
+            self.nonfinite_origins,
+        ):
+            held.clear()
+
     def _patch(self, owner: Any, attribute: str, make: Callable[[Callable], Callable]) -> None:
         original = owner.__dict__[attribute]
         setattr(owner, attribute, make(original))
