@@ -131,11 +131,12 @@ def _walk(
     """Kept lean (a million nodes a second): a node's inputs are read once, and the stack holds a node to expand,
     or the pair (node, its inputs) to finish once every input is done. A node whose inputs are all done when it is
     expanded is finished at once; the pairs on the stack are the path from a root to the node on top, so their count
-    is its depth."""
-    view = GraphView()
-    nodes, reach, codes, unknown, frontier = view.nodes, view.reach, view.user_code, view.reach_unknown, view.frontier
-    bit_of: dict[int, int] = {}
-    kind_of: dict[type, Any] = {}
+    is its depth. A C++ op's node needs only its reach while no node below runs user code or has unknown reach."""
+    finishing = _Finishing(GraphView(), is_parameter, user_code)
+    view, plain, finish = finishing.view, finishing.plain, finishing.finish
+    nodes, reach = view.nodes, view.reach
+    noted = False
+    """Some node has user code or unknown reach: each node finished since looks at its inputs for them."""
     key_of = id
     stack: list[Any] = [node for node in roots if node is not None]
     pop, push = stack.pop, stack.append
@@ -156,10 +157,8 @@ def _walk(
                 continue
             nodes[key] = node
             if depth >= MAX_WALK_DEPTH or len(nodes) > max_nodes:
-                frontier.add(key)
-                reach[key] = 0
-                codes[key] = _TOO_DEEP
-                unknown.add(key)
+                finishing.stop(key)
+                noted = True
                 continue
             inputs = node.next_functions  # read once: each read wraps
             mask = 0
@@ -177,66 +176,73 @@ def _walk(
                     push(child)
             if waiting:
                 continue
-        code = None
-        if user_code:
-            recorded = user_code.get(key)
-            if recorded is not None and recorded[0] is node:
-                code = recorded[1]
-        kind = kind_of.get(node.__class__, _UNSEEN)
-        if kind is _UNSEEN:
-            kind = kind_of[node.__class__] = _kind(node)
-        below_unknown = False
-        if kind is not None:
-            if kind is _LEAF:
-                mask, code = _leaf(view, node, mask, code, bit_of, is_parameter)
-            else:
-                code, below_unknown = code or kind[0], kind[1]
-        if codes or unknown:
-            for child, _ in inputs:
-                if child is not None:
-                    child_key = key_of(child)
-                    code = code or codes.get(child_key)
-                    below_unknown = below_unknown or child_key in unknown
-        reach[key] = mask
-        if code is not None:
-            codes[key] = code
-        if below_unknown:
-            unknown.add(key)
+        if noted or node.__class__ not in plain or key in user_code:
+            noted = finish(node, key, inputs, mask)
+        else:
+            reach[key] = mask
     return view
 
 
-_UNSEEN = object()
-_LEAF = object()
+@dataclass
+class _Finishing:
+    """Finishing a node that may be more than a C++ op: its reach, and what its backward runs or may reach."""
 
+    view: GraphView
+    is_parameter: Callable[[torch.Tensor], bool]
+    user_code: Mapping[int, tuple[Any, str]]
+    plain: set[type] = field(default_factory=set)
+    """Classes of C++ ops other than a leaf's accumulator."""
+    _python: dict[type, tuple[str, bool]] = field(default_factory=dict)
+    """Classes of Python backwards -> `_python_backward`'s pair."""
+    _bit_of: dict[int, int] = field(default_factory=dict)
 
-def _kind(node: Any) -> Any:
-    """What a node's class means to the walk: _LEAF (a leaf tensor's accumulator), None (a C++ op), or, for a
-    Python backward, `_python_backward`'s pair."""
-    if isinstance(node, _ACCUMULATE_GRAD):
-        return _LEAF
-    return _python_backward(node)
+    def stop(self, key: int) -> None:
+        """A node beyond the limits: its inputs are not read."""
+        view = self.view
+        view.frontier.add(key)
+        view.reach[key] = 0
+        view.user_code[key] = _TOO_DEEP
+        view.reach_unknown.add(key)
 
+    def finish(self, node: Any, key: int, inputs: tuple, mask: int) -> bool:
+        """Notes the node (`mask`: its inputs' reach); whether any node so far has user code or unknown reach."""
+        view, kind = self.view, node.__class__
+        recorded = self.user_code.get(key)
+        code = recorded[1] if recorded is not None and recorded[0] is node else None
+        unknown = False
+        if kind is _ACCUMULATE_GRAD:
+            mask, code = self._leaf(node, mask, code)
+        elif kind not in self.plain:
+            python = self._python.get(kind) or _python_backward(node)
+            if python is None:
+                self.plain.add(kind)
+            else:
+                self._python[kind] = python
+                code, unknown = code or python[0], python[1]
+        for child, _ in inputs:
+            if child is not None:
+                code = code or view.user_code.get(id(child))
+                unknown = unknown or id(child) in view.reach_unknown
+        view.reach[key] = mask
+        if code is not None:
+            view.user_code[key] = code
+        if unknown:
+            view.reach_unknown.add(key)
+        return bool(view.user_code or view.reach_unknown)
 
-def _leaf(
-    view: GraphView,
-    node: Any,
-    mask: int,
-    code: str | None,
-    bit_of: dict[int, int],
-    is_parameter: Callable[[torch.Tensor], bool],
-) -> tuple[int, str | None]:
-    """A leaf's accumulator: a known parameter gets its bit (in the order the walk finishes them)."""
-    variable = getattr(node, "variable", None)
-    if not isinstance(variable, torch.Tensor) or not is_parameter(variable):
-        return mask, code
-    pid = id(variable)
-    if pid not in bit_of:
-        bit_of[pid] = len(view.param_ids)
-        view.param_ids.append(pid)
-        view.leaves[pid] = (node, variable)
-    if variable._backward_hooks:
-        code = code or "a gradient hook on a parameter"
-    return mask | 1 << bit_of[pid], code
+    def _leaf(self, node: Any, mask: int, code: str | None) -> tuple[int, str | None]:
+        """A leaf's accumulator: a known parameter gets its bit (in the order the walk finishes them)."""
+        variable = getattr(node, "variable", None)
+        if not isinstance(variable, torch.Tensor) or not self.is_parameter(variable):
+            return mask, code
+        pid, view = id(variable), self.view
+        if pid not in self._bit_of:
+            self._bit_of[pid] = len(view.param_ids)
+            view.param_ids.append(pid)
+            view.leaves[pid] = (node, variable)
+        if variable._backward_hooks:
+            code = code or "a gradient hook on a parameter"
+        return mask | 1 << self._bit_of[pid], code
 
 
 @dataclass
