@@ -471,10 +471,11 @@ class Recorder:
 
     def release_graphs(self) -> None:
         """Once the trace is built: drops every reference to the program's graph nodes (op records, hooks, named
-        terms, module inputs, chains, regressions, numerics), so that an audit kept after its block keeps no
-        autograd graph, nor the tensors its nodes saved, alive."""
+        terms, module inputs, chain calls; the nodes of measured ops, non-finite origins and regressions, whose
+        figures stay for a trace built again), so that an audit kept after its block keeps no autograd graph, nor
+        the tensors its nodes saved, alive."""
         mode = self.mode
-        for held in (
+        for live in (
             mode.records,
             mode.user_code,
             mode.regression_calls,
@@ -483,11 +484,14 @@ class Recorder:
             self.chain_tracker.calls,
             self.user_term_names,
             self.module_inputs,
-            self.regression_targets,
-            self.measured,
-            self.nonfinite_origins,
         ):
-            held.clear()
+            live.clear()
+        for measured, _, _ in self.measured:
+            measured.node = None
+        for candidate, _ in self.nonfinite_origins:
+            candidate.node = None
+        for call, _, _ in self.regression_targets:
+            call.target_node = call.prediction_node = None
 
     def _patch(self, owner: Any, attribute: str, make: Callable[[Callable], Callable]) -> None:
         original = owner.__dict__[attribute]
