@@ -135,8 +135,7 @@ def _walk(
     finishing = _Finishing(GraphView(), is_parameter, user_code)
     view, plain, finish = finishing.view, finishing.plain, finishing.finish
     nodes, reach = view.nodes, view.reach
-    noted = False
-    """Some node has user code or unknown reach: each node finished since looks at its inputs for them."""
+    noted = False  # some node has user code or unknown reach: each node finished since looks at its inputs
     key_of = id
     stack: list[Any] = [node for node in roots if node is not None]
     pop, push = stack.pop, stack.append
