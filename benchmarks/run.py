@@ -139,7 +139,7 @@ def count_nodes(step: Step) -> int:
 
     def count(roots: list[torch.Tensor]) -> None:
         nonlocal counted
-        counted += len(walk([r.grad_fn for r in roots], lambda _: False, lambda _: None).nodes)
+        counted += len(walk([r.grad_fn for r in roots], lambda _: False, {}).nodes)
 
     with at_each_backward(count):
         step()
@@ -229,7 +229,7 @@ def walk_rate(nodes: int) -> float:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        walked = len(walk([loss.grad_fn], lambda t: isinstance(t, torch.nn.Parameter), lambda _: None).nodes)
+        walked = len(walk([loss.grad_fn], lambda t: isinstance(t, torch.nn.Parameter), {}).nodes)
         best = min(best, time.perf_counter() - start)
     return walked / best
 

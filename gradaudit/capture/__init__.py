@@ -101,6 +101,7 @@ class Audit:
     ) -> bool:
         self.recorder.uninstall()
         self.finish()
+        self.recorder.release_graphs()
         return exc_type is StopAudit
 
     @property

@@ -4,14 +4,15 @@ backward passes through them, and the root's top-level terms.
 Limits. Every node the walk touches gets a Python wrapper that lives as long as the node, and PyTorch frees a chain
 of wrapped nodes recursively on the C stack (about 170 bytes a node: a chain of 50,000 overflows an 8 MB stack).
 The walk therefore stops MAX_WALK_DEPTH nodes below the root, and after `max_nodes` nodes (MAX_WALK_NODES by
-default: a wide graph of that size is walked in seconds and its wrappers take a few hundred MB); what lies beyond
+default: the walk holds about 220 bytes a node, 440 MB at that size, until the backward starts); what lies beyond
 is "unknown" (its reach, and whether it runs user code), and the Backward says the walk was truncated.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ try:  # the Function that module full backward hooks put on the graph
     from torch.nn.modules._functions import BackwardHookFunction as _MODULE_HOOK_FUNCTION
 except ImportError:
     _MODULE_HOOK_FUNCTION = None
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
 
 def _python_backward(node: Any) -> tuple[str, bool] | None:
@@ -101,76 +103,145 @@ class GraphView:
 def walk(
     roots: Iterable[Any],
     is_parameter: Callable[[torch.Tensor], bool],
-    user_code_of: Callable[[Any], str | None],
+    user_code: Mapping[int, tuple[Any, str]],
     max_nodes: int = MAX_WALK_NODES,
 ) -> GraphView:
     """Post-order walk with an explicit stack (deep unrolled graphs overflow recursion).
 
-    `user_code_of(node)` says what program code was attached to a node while it was built (hooks, saved-tensor
-    hooks); Python-defined nodes and hooks on parameters are found here.
+    `user_code` maps id(node) to (node, what program code was attached to it while it was built: hooks,
+    saved-tensor hooks); Python-defined nodes and hooks on parameters are found here. The cyclic garbage collector
+    is paused meanwhile (and left as it was): each node read makes objects it tracks (the node's wrapper, the tuple
+    of its inputs), and the collections they set off scanned the growing graph again and again.
     """
-    view = GraphView()
-    nodes = view.nodes
-    bit_of: dict[int, int] = {}
-    stack: list[tuple[Any, list[int] | None, int]] = [(node, None, 1) for node in roots if node is not None]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _walk(roots, is_parameter, user_code, max_nodes)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _walk(
+    roots: Iterable[Any],
+    is_parameter: Callable[[torch.Tensor], bool],
+    user_code: Mapping[int, tuple[Any, str]],
+    max_nodes: int,
+) -> GraphView:
+    """Kept lean (a million nodes a second): a node's inputs are read once, and the stack holds a node to expand,
+    or the pair (node, its inputs) to finish once every input is done. A node whose inputs are all done when it is
+    expanded is finished at once; the pairs on the stack are the path from a root to the node on top, so their count
+    is its depth. A C++ op's node needs only its reach while no node below runs user code or has unknown reach."""
+    finishing = _Finishing(GraphView(), is_parameter, user_code)
+    view, plain, finish = finishing.view, finishing.plain, finishing.finish
+    nodes, reach = view.nodes, view.reach
+    noted = False  # some node has user code or unknown reach: each node finished since looks at its inputs
+    key_of = id
+    stack: list[Any] = [node for node in roots if node is not None]
+    pop, push = stack.pop, stack.append
+    depth = 0
     while stack:
-        node, child_keys, depth = stack.pop()
-        if child_keys is not None:
-            _finish(view, node, child_keys, bit_of, is_parameter, user_code_of)
-            continue
-        key = id(node)
-        if key in nodes:
-            continue
-        nodes[key] = node
-        if depth > MAX_WALK_DEPTH or len(nodes) > max_nodes:
-            view.frontier.add(key)
-            view.reach[key] = 0
-            view.user_code[key] = _TOO_DEEP
-            view.reach_unknown.add(key)
-            continue
-        children = [child for child, _ in node.next_functions if child is not None]  # read once: each read wraps
-        stack.append((node, [id(child) for child in children], depth))
-        stack.extend((child, None, depth + 1) for child in children if id(child) not in nodes)
+        node = pop()
+        if node.__class__ is tuple:  # (node, its inputs): the inputs are done
+            depth -= 1
+            node, inputs = node
+            key = key_of(node)
+            mask = 0
+            for child, _ in inputs:
+                if child is not None:
+                    mask |= reach[key_of(child)]
+        else:
+            key = key_of(node)
+            if key in nodes:
+                continue
+            nodes[key] = node
+            if depth >= MAX_WALK_DEPTH or len(nodes) > max_nodes:
+                finishing.stop(key)
+                noted = True
+                continue
+            inputs = node.next_functions  # read once: each read wraps
+            mask = 0
+            waiting = False
+            for child, _ in inputs:
+                if child is not None:
+                    done = reach.get(key_of(child))
+                    if done is not None:
+                        mask |= done
+                        continue
+                    if not waiting:  # below the inputs still to walk
+                        push((node, inputs))
+                        depth += 1
+                        waiting = True
+                    push(child)
+            if waiting:
+                continue
+        if noted or node.__class__ not in plain or key in user_code:
+            noted = finish(node, key, inputs, mask)
+        else:
+            reach[key] = mask
     return view
 
 
-def _finish(
-    view: GraphView,
-    node: Any,
-    child_keys: list[int],
-    bit_of: dict[int, int],
-    is_parameter: Callable[[torch.Tensor], bool],
-    user_code_of: Callable[[Any], str | None],
-) -> None:
-    """A node whose children (their ids) are done: its reach, and what user code a backward below it runs."""
-    key = id(node)
-    mask = 0
-    code = user_code_of(node)
-    unknown = False
-    python = _python_backward(node)
-    if python is not None:
-        code = code or python[0]
-        unknown = python[1]
-    reach, user_code, reach_unknown = view.reach, view.user_code, view.reach_unknown
-    for child_key in child_keys:
-        mask |= reach.get(child_key, 0)
-        code = code or user_code.get(child_key)
-        unknown = unknown or child_key in reach_unknown
-    variable = getattr(node, "variable", None) if type(node).__name__ == "AccumulateGrad" else None
-    if isinstance(variable, torch.Tensor) and is_parameter(variable):
-        pid = id(variable)
-        if pid not in bit_of:
-            bit_of[pid] = len(view.param_ids)
+@dataclass
+class _Finishing:
+    """Finishing a node that may be more than a C++ op: its reach, and what its backward runs or may reach."""
+
+    view: GraphView
+    is_parameter: Callable[[torch.Tensor], bool]
+    user_code: Mapping[int, tuple[Any, str]]
+    plain: set[type] = field(default_factory=set)
+    """Classes of C++ ops other than a leaf's accumulator."""
+    _python: dict[type, tuple[str, bool]] = field(default_factory=dict)
+    """Classes of Python backwards -> `_python_backward`'s pair."""
+    _bit_of: dict[int, int] = field(default_factory=dict)
+
+    def stop(self, key: int) -> None:
+        """A node beyond the limits: its inputs are not read."""
+        view = self.view
+        view.frontier.add(key)
+        view.reach[key] = 0
+        view.user_code[key] = _TOO_DEEP
+        view.reach_unknown.add(key)
+
+    def finish(self, node: Any, key: int, inputs: tuple, mask: int) -> bool:
+        """Notes the node (`mask`: its inputs' reach); whether any node so far has user code or unknown reach."""
+        view, kind = self.view, node.__class__
+        recorded = self.user_code.get(key)
+        code = recorded[1] if recorded is not None and recorded[0] is node else None
+        unknown = False
+        if kind is _ACCUMULATE_GRAD:
+            mask, code = self._leaf(node, mask, code)
+        elif kind not in self.plain:
+            python = self._python.get(kind) or _python_backward(node)
+            if python is None:
+                self.plain.add(kind)
+            else:
+                self._python[kind] = python
+                code, unknown = code or python[0], python[1]
+        for child, _ in inputs:
+            if child is not None:
+                code = code or view.user_code.get(id(child))
+                unknown = unknown or id(child) in view.reach_unknown
+        view.reach[key] = mask
+        if code is not None:
+            view.user_code[key] = code
+        if unknown:
+            view.reach_unknown.add(key)
+        return bool(view.user_code or view.reach_unknown)
+
+    def _leaf(self, node: Any, mask: int, code: str | None) -> tuple[int, str | None]:
+        """A leaf's accumulator: a known parameter gets its bit (in the order the walk finishes them)."""
+        variable = getattr(node, "variable", None)
+        if not isinstance(variable, torch.Tensor) or not self.is_parameter(variable):
+            return mask, code
+        pid, view = id(variable), self.view
+        if pid not in self._bit_of:
+            self._bit_of[pid] = len(view.param_ids)
             view.param_ids.append(pid)
             view.leaves[pid] = (node, variable)
-        mask |= 1 << bit_of[pid]
         if variable._backward_hooks:
             code = code or "a gradient hook on a parameter"
-    view.reach[key] = mask
-    if code is not None:
-        view.user_code[key] = code
-    if unknown:
-        view.reach_unknown.add(key)
+        return mask | 1 << self._bit_of[pid], code
 
 
 @dataclass

@@ -546,6 +546,30 @@ class Recorder:
             except Exception:  # noqa: BLE001 - every other step must still run
                 self.internal_errors += 1
 
+    def release_graphs(self) -> None:
+        """Once the trace is built: drops every reference to the program's graph nodes (op records, hooks, named
+        terms, module inputs, chain calls; the nodes of measured ops, non-finite origins and regressions, whose
+        figures stay for a trace built again), so that an audit kept after its block keeps no autograd graph, nor
+        the tensors its nodes saved, alive."""
+        mode = self.mode
+        for live in (
+            mode.records,
+            mode.user_code,
+            mode.regression_calls,
+            mode.measured,
+            mode.nonfinite,
+            self.chain_tracker.calls,
+            self.user_term_names,
+            self.module_inputs,
+        ):
+            live.clear()
+        for measured, _, _ in self.measured:
+            measured.node = None
+        for candidate, _ in self.nonfinite_origins:
+            candidate.node = None
+        for call, _, _ in self.regression_targets:
+            call.target_node = call.prediction_node = None
+
     def _patch(self, owner: Any, attribute: str, make: Callable[[Callable], Callable]) -> None:
         original = owner.__dict__[attribute]
         setattr(owner, attribute, make(original))
@@ -1274,7 +1298,7 @@ class Recorder:
         with self.mode.quiet():
             self._checkpoint(location)
             nodes = [r.grad_fn for r in roots]
-            view = walk(nodes, self._is_parameter, self.mode.user_code_for, self.max_nodes)
+            view = walk(nodes, self._is_parameter, self.mode.user_code, self.max_nodes)
             self.raw_graphs.capture(location, view)
             reached = [self._param(view.leaves[pid][1]) for pid in view.param_ids]
             index = len(self.backwards)

@@ -127,8 +127,9 @@ def _notes(trace: Trace) -> list[str]:
         where = f"the backward at {backward.location}" if backward.location else f"backward #{backward.index}"
         if backward.walk_truncated:
             notes[
-                f"{where}: the graph is deeper or larger than gradaudit walks; loss terms that reach only beyond that "
-                "are not reported as dead, and the gradients reaching parameters were read during the backward"
+                f"{where}: the graph is deeper or larger than gradaudit walks (the node limit is --max-nodes, "
+                "audit(max_nodes=N)); loss terms that reach only beyond that are not reported as dead, and the "
+                "gradients reaching parameters were read during the backward"
             ] = None
         if backward.terms_beyond_cap:
             notes[
