@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -88,58 +89,56 @@ def test_by_default_the_pace_is_chosen_from_the_measured_costs(gradaudit_cli):
     assert f"one light sample every {watch['every']} iterations" in result.output.replace("\n", " ")
 
 
-def test_the_pace_keeps_light_samples_within_the_budget():
+def _paced(watch: Watch) -> tuple[Pace, Callable[[int, float], None], Callable[..., int]]:
+    """A Pace on a fake clock, with (plain iterations of given seconds, a light sample then one plain iteration)."""
     now = [0.0]
-    watch = Watch(FIRST_GAP, automatic=True)
     pace = Pace(watch, clock=lambda: now[0])
 
-    def plain_iterations(count: int, seconds: float) -> None:
+    def plain_iterations(count: int, seconds: float = 0.010) -> None:
         for _ in range(count):
             now[0] += seconds
             pace.plain_iteration_ended()
 
-    def light_sample(seconds: float) -> int:
+    def light_sample(seconds: float, after: float = 0.010) -> int:
         pace.sample_started()
         now[0] += seconds
-        return pace.sample_ended(light=True)
+        pace.sample_ended(light=True)
+        plain_iterations(1, after)
+        return watch.every
 
     pace.sample_ended(light=False)  # the first window closes: plain iterations are timed from here
-    plain_iterations(9, 0.010)
-    assert light_sample(0.010 + 0.030) == 30  # 30 ms more per sample, 10 ms per iteration: 30 iterations for 10 %
+    return pace, plain_iterations, light_sample
+
+
+def test_the_pace_keeps_light_samples_within_the_budget():
+    watch = Watch(FIRST_GAP, automatic=True)
+    _, plain_iterations, light_sample = _paced(watch)
+    plain_iterations(9)
+    # 10 ms more in the sample and 20 ms more in the iteration after it (what it left behind): 30 ms per sample,
+    # 10 ms per iteration: 30 iterations for 10 %
+    assert light_sample(0.010 + 0.010, after=0.010 + 0.020) == 30
     assert watch.iteration_seconds == pytest.approx(0.010) and watch.sample_seconds == pytest.approx(0.030)
     assert watch.cost == pytest.approx(1.1)
-    plain_iterations(29, 0.010)
+    plain_iterations(28)
     assert light_sample(0.010 + 0.012) == 21  # the mean fell to 21 ms
 
 
 def test_an_automatic_pace_shrinks_by_half_at_most_per_sample():
     """A cheap-looking sample on a busy machine is one measurement: the pace shrinks toward it gradually."""
-    now = [0.0]
     watch = Watch(FIRST_GAP, automatic=True)
-    pace = Pace(watch, clock=lambda: now[0])
-    pace.sample_ended(light=False)
+    _, plain_iterations, light_sample = _paced(watch)
     chosen = []
     for _ in range(3):
-        for _ in range(watch.every - 1):
-            now[0] += 0.010
-            pace.plain_iteration_ended()
-        pace.sample_started()
-        now[0] += 0.010 + 0.0005  # half a millisecond more: one sample per iteration would cost 5 %
-        chosen.append(pace.sample_ended(light=True))
+        plain_iterations(watch.every - 2)
+        chosen.append(light_sample(0.010 + 0.0005))  # half a millisecond more: a sample per iteration costs 5 %
     assert chosen == [FIRST_GAP // 2, FIRST_GAP // 4, 1]
 
 
 def test_an_explicit_pace_stays_and_is_still_costed():
-    now = [0.0]
     watch = Watch(25)
-    pace = Pace(watch, clock=lambda: now[0])
-    pace.sample_ended(light=False)
-    for _ in range(24):
-        now[0] += 0.010
-        pace.plain_iteration_ended()
-    pace.sample_started()
-    now[0] += 0.060
-    assert pace.sample_ended(light=True) == 25 and watch.cost == pytest.approx(1.2)
+    _, plain_iterations, light_sample = _paced(watch)
+    plain_iterations(24)
+    assert light_sample(0.060) == 25 and watch.cost == pytest.approx(1.2)
 
 
 def test_ctrl_c_during_a_watched_run_reports_what_was_gathered(tmp_path):

@@ -397,8 +397,8 @@ class Recorder:
         """Watching: the optimizer whose step ended the last sample; its steps count the idle iterations."""
         """None: the window is the `with` block (API mode), which may use optimizers created before it."""
         self.pacer = None if watch is None else Pace(watch)
-        self._next_sample_at = 0
-        """Watching: the iteration (from 1) the next light sample starts at."""
+        self._sample_first = 0
+        """Watching: the first iteration (from 1) of the last sample; the next light one is due `watch.every` after."""
         self.light = light
         """Lifecycle, membership and reachability only: no op provenance (the mode is never entered), no per-term
         gradients, no chain hooks, no numerics. Loss terms are split by the graph alone."""
@@ -999,7 +999,8 @@ class Recorder:
         if self.on_sample is not None:
             self.on_sample(trace, first)
         self.iterations_before_sample += max(self.iterations, 1)
-        self._next_sample_at = first + self.pacer.sample_ended(light=trace.light)
+        self._sample_first = first
+        self.pacer.sample_ended(light=trace.light, iterations=max(self.iterations, 1))
         self._reset_sample()
         if self._next_full:
             self._start_sample()
@@ -1032,7 +1033,7 @@ class Recorder:
             return
         self.iterations_before_sample += 1
         self.pacer.plain_iteration_ended()
-        if self._next_full or self.iterations_before_sample + 1 >= self._next_sample_at:
+        if self._next_full or self.iterations_before_sample + 1 >= self._sample_first + self.pacer.watch.every:
             self._start_sample()
 
     def _start_sample(self) -> None:

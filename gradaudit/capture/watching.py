@@ -28,7 +28,10 @@ _MAX_PROBED_CALLS = 10_000
 class Pace:
     """Times the program's own iterations and the light samples, and sets `watch.every`: fixed when the user chose
     it, else the fewest iterations per light sample that keep the samples within `watch.budget` of the plain
-    iterations' time (recomputed after each light sample, from the means so far). Wall time: what the user waits."""
+    iterations' time (recomputed after each light sample, from the means so far). Wall time: what the user waits.
+
+    A sample's cost is timed from its start to the end of the first plain iteration after it, less the plain time
+    of the iterations in that span: what it leaves behind (taking its hooks off, the garbage it made) counts."""
 
     def __init__(self, watch: Watch, clock: Callable[[], float] = time.perf_counter) -> None:
         self.watch = watch
@@ -37,11 +40,21 @@ class Pace:
         self._added = [0.0, 0]
         self._mark: float | None = None
         self._sample_started: float | None = None
+        self._timing: tuple[float, int] | None = None
+        """A light sample still being timed: (when it started, the iterations it spanned)."""
 
     def plain_iteration_ended(self) -> None:
         """An unaudited iteration ended (the pace optimizer stepped while idle)."""
         now = self.clock()
-        if self._mark is not None:
+        if self._timing is not None:
+            started, iterations = self._timing
+            self._timing = None
+            if self._plain[1]:
+                plain = self._plain[0] / self._plain[1]
+                self._added[0] += max(now - started - (iterations + 1) * plain, 0.0)
+                self._added[1] += 1
+                self._choose(plain)
+        elif self._mark is not None:
             self._plain[0] += now - self._mark
             self._plain[1] += 1
         self._mark = now
@@ -49,21 +62,21 @@ class Pace:
     def sample_started(self) -> None:
         self._sample_started = self.clock()
 
-    def sample_ended(self, light: bool) -> int:
-        """After a sample closed (its trace built and its rules run): the `every` now in force."""
-        now = self.clock()
-        if light and self._sample_started is not None and self._plain[1]:
-            plain = self._plain[0] / self._plain[1]
-            self._added[0] += max(now - self._sample_started - plain, 0.0)
-            self._added[1] += 1
-            self.watch.iteration_seconds, self.watch.sample_seconds = plain, self._added[0] / self._added[1]
-            if self.watch.automatic:  # halved at most per sample: one cheap-looking sample on a busy machine is noise
-                wanted = self.watch.sample_seconds / (self.watch.budget * plain) if plain > 0 else math.inf
-                self.watch.every = max(1, self.watch.every // 2, math.ceil(min(wanted, 1e9) - 1e-9))
-            if plain > 0:
-                self.watch.cost = 1.0 + self.watch.sample_seconds / (self.watch.every * plain)
-        self._mark, self._sample_started = now, None
-        return self.watch.every
+    def sample_ended(self, light: bool, iterations: int = 1) -> None:
+        """A sample closed (its trace built, its rules run) after `iterations` iterations; a light one is timed on
+        until the next plain iteration ends."""
+        if light and self._sample_started is not None:
+            self._timing = (self._sample_started, iterations)
+        self._mark, self._sample_started = None, None
+
+    def _choose(self, plain: float) -> None:
+        watch = self.watch
+        watch.iteration_seconds, watch.sample_seconds = plain, self._added[0] / self._added[1]
+        if watch.automatic:  # halved at most per sample: one cheap-looking sample on a busy machine is noise
+            wanted = watch.sample_seconds / (watch.budget * plain) if plain > 0 else math.inf
+            watch.every = max(1, watch.every // 2, math.ceil(min(wanted, 1e9) - 1e-9))
+        if plain > 0:
+            watch.cost = 1.0 + watch.sample_seconds / (watch.every * plain)
 
 
 class ChainProbe:
