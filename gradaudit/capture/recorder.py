@@ -1069,9 +1069,12 @@ class Recorder:
 
     def _check_idle_loss(self, roots: Any) -> None:
         """While idle, every backward's loss is still checked for NaN/Inf (a full audit follows at once)."""
-        given = [roots] if isinstance(roots, torch.Tensor) else list(roots)
-        with torch.no_grad():
-            finite = all(bool(torch.isfinite(r.detach()).all()) for r in given if isinstance(r, torch.Tensor))
+        if isinstance(roots, torch.Tensor) and roots.numel() == 1 and not roots.is_complex():
+            finite = math.isfinite(roots.item())  # a scalar loss: one read, where isfinite().all() is two ops more
+        else:
+            given = [roots] if isinstance(roots, torch.Tensor) else list(roots)
+            with torch.no_grad():
+                finite = all(bool(torch.isfinite(r.detach()).all()) for r in given if isinstance(r, torch.Tensor))
         if not finite:
             self._next_full = not self._was_nonfinite
             if self.first_nonfinite_loss is None:
@@ -1246,7 +1249,7 @@ class Recorder:
                 if recorder._foreign_thread():
                     recorder.foreign_backwards += 1
                 elif recorder._idle and recorder._audited_thread() and not recorder._in_backward:
-                    recorder._guarded_idle_check(signature, roots_argument, args, kwargs)
+                    recorder._guarded_idle_check(roots_argument, args, kwargs)
                 return original(*args, **kwargs)
             try:
                 arguments = signature.bind(*args, **kwargs).arguments
@@ -1283,8 +1286,8 @@ class Recorder:
                 self.on_backward(None if unknown else record.param_ids, record.location)
 
     @_guarded
-    def _guarded_idle_check(self, signature: inspect.Signature, roots_argument: str, args: tuple, kwargs: dict) -> None:
-        self._check_idle_loss(signature.bind(*args, **kwargs).arguments[roots_argument])
+    def _guarded_idle_check(self, roots_argument: str, args: tuple, kwargs: dict) -> None:
+        self._check_idle_loss(args[0] if args else kwargs[roots_argument])  # the roots come first in backward and grad
 
     @_guarded
     def _before_backward(self, tensors: Any, accumulates: bool, whole: bool = True) -> tuple[list, list, Any] | None:
