@@ -366,7 +366,9 @@ class Watch:
     """Iterations from one light sample to the next (the latest chosen, when `automatic`)."""
     automatic: bool = False
     """`every` chosen as the run went, so that light samples add at most `budget` to the plain iterations' time."""
-    budget: float = 0.1
+    budget: float = 0.06
+    """6 %: with the checks that stay on between samples (a NaN read per backward, the step hooks: about 4 % of a
+    1 ms step), watching keeps within 10 % of the unwatched run."""
     iterations: list[int] = field(default_factory=list)
     """The first iteration (from 1) of each sample."""
     full: list[bool] = field(default_factory=list)
