@@ -409,26 +409,15 @@ class Trace:
     watch: Watch | None = None
 
     def parameter(self, name: str) -> Parameter:
-        return self._parameters_by_name[name]
-
-    @functools.cached_property
-    def _parameters_by_name(self) -> dict[str, Parameter]:
-        """Kept: a Trace is not changed once built, and rules look parameters up by name for each finding."""
-        return {p.name: p for p in self.parameters}
+        return self.derived(_parameters_by_name)[name]
 
     def groups(self) -> dict[str, list[Parameter]]:
-        return self._groups
-
-    @functools.cached_property
-    def _groups(self) -> dict[str, list[Parameter]]:
-        grouped: dict[str, list[Parameter]] = {}
-        for p in self.parameters:
-            grouped.setdefault(p.group, []).append(p)
-        return grouped
+        return self.derived(_grouped)
 
     def derived(self, make: Callable[[Trace], T]) -> T:
         """What `make` derives from this Trace, made once for all who ask (the replay of the gradient timeline, which
-        several rules and the flow graphs read): a Trace is not changed once built."""
+        several rules and the flow graphs read; parameters by name and by group, looked up for each finding): a
+        Trace is not changed once built."""
         made = self._derived
         if make not in made:
             made[make] = make(self)
@@ -479,6 +468,17 @@ class Trace:
         return trace
 
 
+def _parameters_by_name(trace: Trace) -> dict[str, Parameter]:
+    return {p.name: p for p in trace.parameters}
+
+
+def _grouped(trace: Trace) -> dict[str, list[Parameter]]:
+    grouped: dict[str, list[Parameter]] = {}
+    for p in trace.parameters:
+        grouped.setdefault(p.group, []).append(p)
+    return grouped
+
+
 T = TypeVar("T")
 
 
@@ -492,8 +492,9 @@ def by_site(items: Iterable[T], site: Callable[[T], Hashable]) -> list[list[T]]:
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
-    """Pauses the cyclic garbage collector while a trace is built (loaded, or recorded) and read: millions of new
-    objects make it run over and over (40% of the load time) and there is no cycle among them to find."""
+    """Pauses the cyclic garbage collector while a trace is built (loaded, or recorded) and read, or a graph walked:
+    millions of new objects make it run over and over (40% of the load time) and there is no cycle among them to
+    find."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

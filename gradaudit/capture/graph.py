@@ -10,7 +10,6 @@ is "unknown" (its reach, and whether it runs user code), and the Backward says t
 
 from __future__ import annotations
 
-import gc
 import heapq
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from torch.autograd.function import BackwardCFunction
 
 from gradaudit.capture.provenance import OpRecord
 from gradaudit.capture.source import operand_texts
-from gradaudit.trace import Location
+from gradaudit.trace import Location, collector_paused
 
 MAX_WALK_DEPTH = 16_384
 """Nodes farther than this below the root are not walked (their subgraph is unknown)."""
@@ -113,13 +112,8 @@ def walk(
     is paused meanwhile (and left as it was): each node read makes objects it tracks (the node's wrapper, the tuple
     of its inputs), and the collections they set off scanned the growing graph again and again.
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         return _walk(roots, is_parameter, user_code, max_nodes)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _walk(
